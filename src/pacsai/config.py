@@ -1,0 +1,278 @@
+"""Typed settings, loaded once from a YAML file plus ``PACSAI_`` environment variables.
+
+Every key of the configuration file can also be set in the environment with the ``PACSAI_``
+prefix and ``__`` between nesting levels (``PACSAI_NODE__PORT=11113``); the environment wins over
+the file. The loaded :class:`Settings` object is passed down explicitly; no other module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pacsai.errors import ConfigError
+
+__all__ = [
+    "ApiSettings",
+    "DatabaseSettings",
+    "Destination",
+    "InferenceSettings",
+    "LoggingSettings",
+    "NodeSettings",
+    "Peer",
+    "QueueSettings",
+    "Route",
+    "Settings",
+    "StorageSettings",
+    "TimeoutSettings",
+    "TlsSettings",
+    "load_settings",
+]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(value):
+        raise ValueError(
+            "must be 1 to 16 printable characters without a backslash (DICOM AE VR)"
+        )
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Peer(_Section):
+    """A calling AE allowed to associate, optionally bound to the host it must come from."""
+
+    ae_title: str
+    host: str | None = None
+    study_quiet_seconds: float | None = Field(default=None, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class TlsSettings(_Section):
+    """DICOM TLS (PS3.15 B.1) for the receiver."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("tls.enabled needs both tls.cert and tls.key")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("tls.require_client_cert needs tls.ca to verify client certificates")
+        return self
+
+
+class TimeoutSettings(_Section):
+    """Seconds to wait for the peer at each protocol layer (``null`` waits forever)."""
+
+    acse: float | None = Field(default=30.0, gt=0)
+    dimse: float | None = Field(default=60.0, gt=0)
+    network: float | None = Field(default=60.0, gt=0)
+
+
+class NodeSettings(_Section):
+    """The DICOM receiver: who we are, where we listen, and whom we accept."""
+
+    ae_title: str = "PACSAI"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_size: int = Field(default=1_048_576, ge=0)  # 0: no limit
+    require_called_ae_title: bool = True
+    study_quiet_seconds: float = Field(default=10.0, gt=0)
+    allowed_peers: list[Peer] = Field(default_factory=list)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    receiver_processes: int = Field(default=1, ge=1, le=64)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class StorageSettings(_Section):
+    """Where received instances are spooled."""
+
+    spool_dir: Path = Path("./var/spool")
+    min_free_mb: int = Field(default=1024, ge=0)
+
+
+class DatabaseSettings(_Section):
+    """The SQL database holding studies, jobs and the audit trail."""
+
+    url: str = "sqlite:///./var/pacsai.db"
+    auto_upgrade: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+
+class QueueSettings(_Section):
+    """How QUEUED jobs reach workers."""
+
+    backend: Literal["local", "celery"] = "local"
+    broker_url: str | None = None
+
+    @model_validator(mode="after")
+    def _broker(self) -> QueueSettings:
+        if self.backend == "celery" and not self.broker_url:
+            raise ValueError("queue.backend celery needs queue.broker_url (amqp://...)")
+        return self
+
+
+class InferenceSettings(_Section):
+    """Where model bundles live and what runs them."""
+
+    models_dir: Path = Path("./models")
+    device: str = "auto"
+    amp: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+class Route(_Section):
+    """A routing rule: which studies and series go to which model, and where results go."""
+
+    name: str
+    when: dict[str, Any] = Field(default_factory=dict)
+    series: dict[str, Any] = Field(default_factory=dict)
+    model: str
+    outputs: list[Literal["seg", "sr", "overlay"]] = Field(default_factory=lambda: ["seg", "sr"])
+    send_to: list[str] = Field(default_factory=list)
+
+
+class Destination(_Section):
+    """A DICOM peer that results are sent to."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class ApiSettings(_Section):
+    """The HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Everything pacsai can be configured with; see the README for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACSAI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    routes: list[Route] | None = None
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init arguments; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_send_to_known_destinations(self) -> Settings:
+        for route in self.routes or []:
+            unknown = [name for name in route.send_to if name not in self.destinations]
+            if unknown:
+                raise ValueError(
+                    f"route {route.name!r} sends to {', '.join(unknown)}, "
+                    "which is not under destinations:"
+                )
+        return self
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key (check its spelling against the README)"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load the settings from `path` (YAML) and the environment.
+
+    Parameters
+    ----------
+    path
+        A YAML configuration file, or ``None`` for the embedded defaults plus the environment.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, or a key is unknown or holds a bad value; the
+        message names every offending key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (node:, storage:, ...)")
+        data = loaded
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  {_describe(error)}" for error in exc.errors())
+        source = str(path) if path is not None else "the environment"
+        raise ConfigError(f"invalid configuration in {source}:\n{lines}") from exc

@@ -1,0 +1,53 @@
+"""The database: models, engine, migrations, the audit chain and repository functions."""
+
+from __future__ import annotations
+
+from pacsai.db.audit import (
+    AuditAction,
+    AuditEventId,
+    AuditEventType,
+    AuditOutcome,
+    ChainReport,
+    append_event,
+    verify_chain,
+)
+from pacsai.db.engine import Database
+from pacsai.db.migrate import current_revision, head_revision, upgrade
+from pacsai.db.models import (
+    Association,
+    AssociationOutcome,
+    AuditEvent,
+    Base,
+    Instance,
+    Job,
+    JobStatus,
+    Series,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+
+__all__ = [
+    "Association",
+    "AssociationOutcome",
+    "AuditAction",
+    "AuditEvent",
+    "AuditEventId",
+    "AuditEventType",
+    "AuditOutcome",
+    "Base",
+    "ChainReport",
+    "Database",
+    "Instance",
+    "Job",
+    "JobStatus",
+    "Series",
+    "Study",
+    "StudyStatus",
+    "append_event",
+    "current_revision",
+    "head_revision",
+    "upgrade",
+    "utcnow",
+    "verify_chain",
+]

@@ -1,0 +1,250 @@
+"""SQLAlchemy 2 typed ORM models: the durable truth of what arrived and what is to be done.
+
+Times are stored as naive UTC on every backend and handed out as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Association",
+    "AssociationOutcome",
+    "AuditEvent",
+    "Base",
+    "Instance",
+    "Job",
+    "JobStatus",
+    "Series",
+    "Study",
+    "StudyStatus",
+    "UTCDateTime",
+    "utcnow",
+]
+
+UID = String(64)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and returned as aware UTC, the same on every backend."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention, so that migrations name constraints stably."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime()}
+
+
+class StudyStatus(enum.StrEnum):
+    """Where a study stands in assembly."""
+
+    RECEIVING = "RECEIVING"  # instances may still arrive; the quiet timer runs
+    COMPLETE = "COMPLETE"  # quiet for long enough; a job was queued
+
+
+class JobStatus(enum.StrEnum):
+    """The states of a job (DESIGN.md, State and durability)."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+
+
+class AssociationOutcome(enum.StrEnum):
+    """How an accepted association ended."""
+
+    ACTIVE = "ACTIVE"
+    RELEASED = "RELEASED"
+    ABORTED = "ABORTED"
+    INTERRUPTED = "INTERRUPTED"  # the node stopped (or was killed) while it was open
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, native_enum=False, length=16, validate_strings=True)
+
+
+class Study(Base):
+    """A study as assembled from the instances received for it."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "study_status"), index=True)
+    quiet_seconds: Mapped[float] = mapped_column(Float)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A series within a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Association(Base):
+    """An accepted DICOM association, from A-ASSOCIATE-AC to its release or abort."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    called_ae_title: Mapped[str] = mapped_column(String(16))
+    remote_host: Mapped[str] = mapped_column(String(64))
+    remote_port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean)
+    outcome: Mapped[AssociationOutcome] = mapped_column(
+        _enum(AssociationOutcome, "association_outcome"), index=True
+    )
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """One stored SOP instance and where its bytes are in the spool."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    association_id: Mapped[str | None] = mapped_column(
+        ForeignKey("associations.id"), index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(400))  # relative to storage.spool_dir
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the dataset as sent, file meta excluded
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    remote_address: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime]
+    replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """Work to do on a complete study; the job table is the durable truth of the queue."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    instance_count: Mapped[int] = mapped_column(Integer)  # of the study when the job was queued
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class AuditEvent(Base):
+    """One row of the append-only, hash-chained audit trail (DICOM PS3.15 A.5.3 event IDs).
+
+    ``row_hash`` is the SHA-256 of this row's content and ``prev_hash``; ``prev_hash`` is the
+    ``row_hash`` of the row before it. Editing, deleting or inserting a row breaks the chain.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_occurred_at", "occurred_at"),
+        Index("ix_audit_events_study_instance_uid", "study_instance_uid"),
+        Index("ix_audit_events_patient_id", "patient_id"),
+        Index("ix_audit_events_event_id_occurred_at", "event_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime]
+    event_id: Mapped[str] = mapped_column(String(16))  # DCM code value, e.g. 110104
+    event_type: Mapped[str | None] = mapped_column(String(16))  # DCM code value, e.g. 110120
+    action: Mapped[str] = mapped_column(String(1))  # C R U D E (PS3.15 EventActionCode)
+    outcome: Mapped[int] = mapped_column(Integer)  # 0, 4, 8, 12 (PS3.15 EventOutcomeIndicator)
+    actor: Mapped[str] = mapped_column(String(128))
+    remote_address: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)  # JSON object
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64), unique=True)

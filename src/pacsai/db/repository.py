@@ -1,0 +1,393 @@
+"""Database functions of the receive path: keyword-only arguments and an explicit session.
+
+Each function runs inside the caller's transaction (``Database.transaction()``) and never
+commits on its own, so that an instance row, its study and series, and its audit event are
+committed together or not at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from pacsai.db.audit import AuditAction, AuditEventId, AuditOutcome, append_event
+from pacsai.db.models import (
+    Association,
+    AssociationOutcome,
+    Instance,
+    Job,
+    JobStatus,
+    Series,
+    Study,
+    StudyStatus,
+)
+from pacsai.errors import InvalidInstanceError, ReceiveError
+
+__all__ = [
+    "ReceivedInstance",
+    "RecordResult",
+    "StoreOutcome",
+    "close_association",
+    "complete_quiet_studies",
+    "find_instance",
+    "interrupt_open_associations",
+    "open_association",
+    "record_instance",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """What the receiver parsed from an instance's header, and where its bytes now are."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    sha256: str
+    modality: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    instance_number: int | None = None
+
+
+class StoreOutcome(enum.StrEnum):
+    """What recording an instance did."""
+
+    STORED = "STORED"  # a new SOP instance
+    DUPLICATE = "DUPLICATE"  # the same bytes were already stored: nothing changed
+    REPLACED = "REPLACED"  # the same SOP Instance UID with other bytes: the new ones win
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """The outcome of :func:`record_instance`; ``old_path`` is the file a replacement superseded."""
+
+    outcome: StoreOutcome
+    old_path: str | None = None
+
+
+def _insert_ignoring_conflict(session: Session, model: Any, key: str, values: dict[str, Any]) -> None:
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
+    """The stored instance with this SOP Instance UID, if any."""
+    return session.execute(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).scalar_one_or_none()
+
+
+def _touch_study(
+    session: Session,
+    item: ReceivedInstance,
+    *,
+    calling_ae_title: str,
+    quiet_seconds: float,
+    now: datetime,
+    delta: int,
+) -> int:
+    _insert_ignoring_conflict(
+        session,
+        Study,
+        "study_instance_uid",
+        {
+            "study_instance_uid": item.study_instance_uid,
+            "patient_id": item.patient_id,
+            "patient_name": item.patient_name,
+            "accession_number": item.accession_number,
+            "study_date": item.study_date,
+            "study_description": item.study_description,
+            "status": StudyStatus.RECEIVING,
+            "quiet_seconds": quiet_seconds,
+            "calling_ae_title": calling_ae_title,
+            "instance_count": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    )
+    # Re-opens a COMPLETE study: it will complete again, with a new job, once quiet.
+    study_id: int = session.execute(
+        update(Study)
+        .where(Study.study_instance_uid == item.study_instance_uid)
+        .values(
+            status=StudyStatus.RECEIVING,
+            last_received_at=now,
+            quiet_seconds=quiet_seconds,
+            instance_count=Study.instance_count + delta,
+        )
+        .returning(Study.id)
+    ).scalar_one()
+    return study_id
+
+
+def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int, delta: int) -> int:
+    _insert_ignoring_conflict(
+        session,
+        Series,
+        "series_instance_uid",
+        {
+            "study_id": study_id,
+            "series_instance_uid": item.series_instance_uid,
+            "modality": item.modality,
+            "series_number": item.series_number,
+            "series_description": item.series_description,
+            "body_part_examined": item.body_part_examined,
+            "instance_count": 0,
+        },
+    )
+    row = session.execute(
+        update(Series)
+        .where(Series.series_instance_uid == item.series_instance_uid)
+        .values(instance_count=Series.instance_count + delta)
+        .returning(Series.id, Series.study_id)
+    ).one()
+    if row.study_id != study_id:
+        raise InvalidInstanceError(
+            f"Series Instance UID {item.series_instance_uid} already belongs to another study; "
+            "the sender reuses UIDs across studies"
+        )
+    series_id: int = row.id
+    return series_id
+
+
+def record_instance(
+    *,
+    session: Session,
+    item: ReceivedInstance,
+    association_id: str | None,
+    calling_ae_title: str,
+    remote_address: str,
+    quiet_seconds: float,
+    now: datetime,
+) -> RecordResult:
+    """Record a spooled instance, its study and its series; audit a replacement.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the instance's series is already recorded under another study.
+    ReceiveError
+        If another association records the same SOP Instance UID at the same moment.
+    """
+    existing = find_instance(session=session, sop_instance_uid=item.sop_instance_uid)
+    if existing is not None and existing.sha256 == item.sha256:
+        return RecordResult(StoreOutcome.DUPLICATE)
+
+    # Counts go to the new study and series; a replacement takes them back from the old ones.
+    study_id = _touch_study(
+        session,
+        item,
+        calling_ae_title=calling_ae_title,
+        quiet_seconds=quiet_seconds,
+        now=now,
+        delta=1,
+    )
+    series_id = _touch_series(session, item, study_id=study_id, delta=1)
+    columns: dict[str, Any] = {
+        "study_id": study_id,
+        "series_id": series_id,
+        "association_id": association_id,
+        "sop_class_uid": item.sop_class_uid,
+        "transfer_syntax_uid": item.transfer_syntax_uid,
+        "instance_number": item.instance_number,
+        "path": item.path,
+        "size_bytes": item.size_bytes,
+        "sha256": item.sha256,
+        "calling_ae_title": calling_ae_title,
+        "remote_address": remote_address,
+        "received_at": now,
+    }
+    if existing is None:
+        try:
+            with session.begin_nested():
+                session.add(Instance(sop_instance_uid=item.sop_instance_uid, **columns))
+        except IntegrityError:
+            # Another association stored the same SOP Instance UID a moment ago.
+            raise ReceiveError(
+                f"SOP Instance UID {item.sop_instance_uid} is being stored by another "
+                "association at the same time; send it again"
+            ) from None
+        return RecordResult(StoreOutcome.STORED)
+
+    old_path, old_sha256 = existing.path, existing.sha256
+    session.execute(
+        update(Study)
+        .where(Study.id == existing.study_id)
+        .values(instance_count=Study.instance_count - 1)
+    )
+    session.execute(
+        update(Series)
+        .where(Series.id == existing.series_id)
+        .values(instance_count=Series.instance_count - 1)
+    )
+    for name, value in columns.items():
+        setattr(existing, name, value)
+    existing.replaced_count += 1
+    append_event(
+        session=session,
+        event_id=AuditEventId.INSTANCES_TRANSFERRED,
+        action=AuditAction.UPDATE,
+        outcome=AuditOutcome.SUCCESS,
+        actor=calling_ae_title,
+        remote_address=remote_address,
+        study_instance_uid=item.study_instance_uid,
+        patient_id=item.patient_id,
+        occurred_at=now,
+        detail={
+            "what": "instance replaced: same SOP Instance UID, different bytes",
+            "sop_instance_uid": item.sop_instance_uid,
+            "sop_class_uid": item.sop_class_uid,
+            "old_sha256": old_sha256,
+            "new_sha256": item.sha256,
+            "association_id": association_id,
+        },
+    )
+    return RecordResult(StoreOutcome.REPLACED, old_path=old_path)
+
+
+def open_association(
+    *,
+    session: Session,
+    association_id: str,
+    calling_ae_title: str,
+    called_ae_title: str,
+    remote_host: str,
+    remote_port: int,
+    tls: bool,
+    now: datetime,
+) -> None:
+    """Record an accepted association."""
+    session.add(
+        Association(
+            id=association_id,
+            calling_ae_title=calling_ae_title,
+            called_ae_title=called_ae_title,
+            remote_host=remote_host,
+            remote_port=remote_port,
+            tls=tls,
+            outcome=AssociationOutcome.ACTIVE,
+            started_at=now,
+            instances_stored=0,
+            instances_failed=0,
+        )
+    )
+
+
+def _audit_transfers(session: Session, association: Association, now: datetime) -> None:
+    """One 110104 Instances Transferred event per study the association brought instances of."""
+    rows = session.execute(
+        select(Instance.study_id, Study.study_instance_uid, Study.patient_id, func.count())
+        .join(Study, Study.id == Instance.study_id)
+        .where(Instance.association_id == association.id)
+        .group_by(Instance.study_id, Study.study_instance_uid, Study.patient_id)
+    ).all()
+    for _study_id, study_uid, patient_id, count in rows:
+        append_event(
+            session=session,
+            event_id=AuditEventId.INSTANCES_TRANSFERRED,
+            action=AuditAction.CREATE,
+            outcome=AuditOutcome.SUCCESS,
+            actor=association.calling_ae_title,
+            remote_address=association.remote_host,
+            study_instance_uid=study_uid,
+            patient_id=patient_id,
+            occurred_at=now,
+            detail={
+                "association_id": association.id,
+                "instances": count,
+                "association_outcome": str(association.outcome),
+            },
+        )
+
+
+def close_association(
+    *,
+    session: Session,
+    association_id: str,
+    outcome: AssociationOutcome,
+    instances_stored: int,
+    instances_failed: int,
+    now: datetime,
+) -> None:
+    """Record how an association ended and audit what it transferred."""
+    association = session.get(Association, association_id)
+    if association is None or association.ended_at is not None:
+        return
+    association.outcome = outcome
+    association.ended_at = now
+    association.instances_stored = instances_stored
+    association.instances_failed = instances_failed
+    _audit_transfers(session, association, now)
+
+
+def interrupt_open_associations(*, session: Session, now: datetime) -> int:
+    """At start-up: close associations a stopped or killed node left open, and audit them."""
+    open_ones = session.execute(
+        select(Association).where(Association.ended_at.is_(None))
+    ).scalars().all()
+    for association in open_ones:
+        association.outcome = AssociationOutcome.INTERRUPTED
+        association.ended_at = now
+        association.instances_stored = session.execute(
+            select(func.count()).where(Instance.association_id == association.id)
+        ).scalar_one()
+        _audit_transfers(session, association, now)
+    return len(open_ones)
+
+
+def complete_quiet_studies(*, session: Session, now: datetime) -> list[Job]:
+    """Mark studies quiet for their ``quiet_seconds`` as COMPLETE and queue one job for each.
+
+    The update is guarded by the ``last_received_at`` that was read, so an instance that arrives
+    meanwhile keeps the study open instead of being lost between two jobs.
+    """
+    candidates = session.execute(
+        select(Study.id, Study.last_received_at, Study.quiet_seconds, Study.instance_count).where(
+            Study.status == StudyStatus.RECEIVING
+        )
+    ).all()
+    jobs: list[Job] = []
+    for study_id, last_received_at, quiet_seconds, instance_count in candidates:
+        if last_received_at + timedelta(seconds=quiet_seconds) > now:
+            continue
+        result = session.execute(
+            update(Study)
+            .where(
+                Study.id == study_id,
+                Study.status == StudyStatus.RECEIVING,
+                Study.last_received_at == last_received_at,
+            )
+            .values(status=StudyStatus.COMPLETE, completed_at=now)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        job = Job(
+            study_id=study_id,
+            status=JobStatus.QUEUED,
+            instance_count=instance_count,
+            attempts=0,
+            created_at=now,
+        )
+        session.add(job)
+        jobs.append(job)
+    session.flush()
+    return jobs

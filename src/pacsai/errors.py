@@ -1,0 +1,62 @@
+"""The one exception root of pacsai and a subclass per layer.
+
+Third-party errors (pydicom, pynetdicom, SQLAlchemy, torch, OS) are converted to one of these at the
+boundary of the layer that calls them, with ``raise ... from exc``, and a message that says what was
+wrong and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DatabaseError",
+    "DeliveryError",
+    "InvalidInstanceError",
+    "ModelError",
+    "PacsaiError",
+    "ReceiveError",
+    "ReportError",
+    "StorageFullError",
+    "UnreadableInstanceError",
+]
+
+
+class PacsaiError(Exception):
+    """Root of every error pacsai raises on purpose."""
+
+
+class ConfigError(PacsaiError):
+    """The configuration file or environment holds a bad value."""
+
+
+class DatabaseError(PacsaiError):
+    """The database could not be reached or refused a statement."""
+
+
+class ReceiveError(PacsaiError):
+    """An incoming instance or association could not be accepted."""
+
+
+class StorageFullError(ReceiveError):
+    """The spool has less free space than ``storage.min_free_mb``, or the disk filled up."""
+
+
+class InvalidInstanceError(ReceiveError):
+    """An instance lacks a required attribute, carries a malformed UID, or contradicts its
+    C-STORE request (DIMSE status A900: Data Set does not match SOP Class)."""
+
+
+class UnreadableInstanceError(ReceiveError):
+    """An instance's bytes cannot be parsed as a DICOM data set (DIMSE status C000)."""
+
+
+class ModelError(PacsaiError):
+    """A model bundle could not be loaded or run."""
+
+
+class ReportError(PacsaiError):
+    """A DICOM SEG or SR could not be built from a model output."""
+
+
+class DeliveryError(PacsaiError):
+    """A result could not be sent to a destination."""

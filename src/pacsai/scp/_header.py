@@ -1,0 +1,175 @@
+"""Reading and checking the header of a received instance, without decoding its pixels."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from pacsai.errors import InvalidInstanceError, UnreadableInstanceError
+from pacsai.scp.uids import validate_uid
+
+__all__ = ["InstanceHeader", "read_header"]
+
+log = logging.getLogger(__name__)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian: starts encapsulated pixels
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The attributes of an instance that pacsai records, read from its header."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part_examined: str | None
+    instance_number: int | None
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """A string attribute, tolerant of bad values (they are recorded as missing)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises many types for malformed values
+        return None
+    if value is None:
+        return None
+    text = str(value).strip("\x00 ")
+    return text[:limit] or None
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:  # noqa: BLE001 - IS values can be anything on the wire
+        return None
+
+
+def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
+    """Refuse image data sets whose pixel data is missing or shorter than their header says."""
+    present = [kw for kw in _PIXEL_KEYWORDS if kw in ds]
+    if not present:
+        if "Image Storage" in sop_class.name:
+            raise InvalidInstanceError(f"a {sop_class.name} instance must have Pixel Data")
+        if "Rows" in ds and "Columns" in ds:
+            raise InvalidInstanceError(
+                "the data set describes an image (Rows, Columns) but has no Pixel Data"
+            )
+        return
+    if present != ["PixelData"]:
+        return
+    try:
+        element = ds["PixelData"]
+        value = element.value
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableInstanceError(f"Pixel Data cannot be read: {exc}") from exc
+    if value is None or len(value) == 0:
+        raise InvalidInstanceError("Pixel Data is empty")
+    if transfer_syntax.is_compressed:
+        if not bytes(value[:4]) == _ITEM_TAG_LE:
+            raise InvalidInstanceError(
+                "Pixel Data is not encapsulated, but the transfer syntax is compressed"
+            )
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInstanceError(
+            f"Rows, Columns, BitsAllocated, SamplesPerPixel or NumberOfFrames is unusable: {exc}"
+        ) from exc
+    if min(rows, columns, bits, samples, frames) <= 0:
+        raise InvalidInstanceError("Rows, Columns, BitsAllocated and NumberOfFrames must be > 0")
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if len(value) < expected:
+        raise InvalidInstanceError(
+            f"Pixel Data holds {len(value)} bytes; {rows}x{columns}x{frames} frames of "
+            f"{bits}-bit samples need {expected}: the data set is incomplete"
+        )
+
+
+def read_header(
+    encoded_file: bytes,
+    *,
+    affected_sop_class_uid: str,
+    affected_sop_instance_uid: str,
+) -> InstanceHeader:
+    """Parse a received instance (file meta + data set) and check it against its C-STORE request.
+
+    Pixel data is read as bytes and its length checked, never decoded.
+
+    Raises
+    ------
+    UnreadableInstanceError
+        If the bytes are not a parseable DICOM data set.
+    InvalidInstanceError
+        If a required UID is missing or malformed, the data set's SOP Class or Instance UID
+        differs from the request's, or the pixel data is missing or incomplete.
+    """
+    try:
+        ds = dcmread(BytesIO(encoded_file), force=False)
+        transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise UnreadableInstanceError(f"the data set cannot be parsed: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - pydicom's reader raises arbitrary types on junk
+        raise UnreadableInstanceError(
+            f"the data set cannot be parsed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    def uid(keyword: str) -> str:
+        try:
+            value: Any = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001
+            raise InvalidInstanceError(f"{keyword} cannot be read: {exc}") from exc
+        return validate_uid(value, keyword)
+
+    sop_class_uid = uid("SOPClassUID")
+    sop_instance_uid = uid("SOPInstanceUID")
+    if sop_class_uid != affected_sop_class_uid:
+        raise InvalidInstanceError(
+            f"SOP Class UID {sop_class_uid} in the data set differs from the C-STORE request's "
+            f"Affected SOP Class UID {affected_sop_class_uid}"
+        )
+    if sop_instance_uid != affected_sop_instance_uid:
+        raise InvalidInstanceError(
+            f"SOP Instance UID {sop_instance_uid} in the data set differs from the C-STORE "
+            f"request's Affected SOP Instance UID {affected_sop_instance_uid}"
+        )
+    header = InstanceHeader(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=uid("StudyInstanceUID"),
+        series_instance_uid=uid("SeriesInstanceUID"),
+        modality=_text(ds, "Modality", 16),
+        patient_id=_text(ds, "PatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_description=_text(ds, "StudyDescription", 64),
+        series_number=_integer(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 64),
+        body_part_examined=_text(ds, "BodyPartExamined", 16),
+        instance_number=_integer(ds, "InstanceNumber"),
+    )
+    _check_pixels(ds, UID(sop_class_uid), transfer_syntax)
+    return header

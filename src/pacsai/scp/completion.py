@@ -1,0 +1,63 @@
+"""Study assembly: a study is complete once no instance arrived for its quiet period.
+
+The timer is derived from ``studies.last_received_at`` in the database, not from memory, so
+studies still receiving when the node stopped resume their timers after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pacsai.db import Database, Job, utcnow
+from pacsai.db.repository import complete_quiet_studies
+from pacsai.errors import PacsaiError
+
+__all__ = ["StudyCompletionMonitor"]
+
+log = logging.getLogger(__name__)
+
+
+class StudyCompletionMonitor:
+    """Checks every `interval` seconds for quiet studies and queues one job for each.
+
+    Safe to run in several processes against one database: completion is a guarded update, so a
+    study completes once.
+    """
+
+    def __init__(self, database: Database, *, interval: float = 1.0) -> None:
+        self.database = database
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> list[Job]:
+        """Complete every study that is quiet now; return the jobs queued."""
+        with self.database.transaction() as session:
+            jobs = complete_quiet_studies(session=session, now=utcnow())
+        for job in jobs:
+            log.info(
+                "study complete, job %d queued (%d instances)",
+                job.id,
+                job.instance_count,
+                extra={"action": "job_queued", "job_id": job.id, "study_id": job.study_id},
+            )
+        return jobs
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except PacsaiError as exc:
+                log.error("study completion check failed, will retry: %s", exc)
+
+    def start(self) -> None:
+        """Run in a background thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._loop, name="pacsai-completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread (a check in progress finishes first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

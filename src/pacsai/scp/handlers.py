@@ -1,0 +1,111 @@
+"""pynetdicom event handlers: one per event, each returns a named status and never raises.
+
+Dependencies arrive through the handler tuple's extra arguments (the :class:`Receiver`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pynetdicom import evt
+
+from pacsai.db import AssociationOutcome
+from pacsai.errors import (
+    DatabaseError,
+    InvalidInstanceError,
+    PacsaiError,
+    StorageFullError,
+    UnreadableInstanceError,
+)
+from pacsai.scp.status import StoreStatus
+
+if TYPE_CHECKING:
+    from pacsai.scp.server import Receiver
+
+__all__ = ["handle_association", "handle_echo", "handle_store"]
+
+log = logging.getLogger(__name__)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _status_for(error: BaseException) -> StoreStatus:
+    if isinstance(error, StorageFullError):
+        return StoreStatus.OUT_OF_RESOURCES
+    if isinstance(error, InvalidInstanceError):
+        return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(error, UnreadableInstanceError):
+        return StoreStatus.CANNOT_UNDERSTAND
+    return StoreStatus.PROCESSING_FAILURE  # database errors, races, the unexpected
+
+
+def _response(status: StoreStatus, comment: str | None = None) -> Dataset:
+    response = Dataset()
+    response.Status = int(status)
+    if comment:
+        response.ErrorComment = comment[:64]  # LO
+    return response
+
+
+def _encoded_file_meta(event: Any) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
+    return _PREAMBLE + buffer.getvalue()
+
+
+def handle_echo(event: Any) -> int:
+    """C-ECHO (Verification): always Success."""
+    return int(StoreStatus.SUCCESS)
+
+
+def handle_store(event: Any, receiver: Receiver) -> Dataset:
+    """C-STORE: check, write bytes, record, answer; failures are answered, never raised."""
+    state = receiver.state_of(event.assoc)
+    request = event.request
+    affected_instance = str(request.AffectedSOPInstanceUID or "")
+    try:
+        receiver.instances.store(
+            state,
+            affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            affected_sop_instance_uid=affected_instance,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            file_meta=_encoded_file_meta(event),
+            dataset=event.encoded_dataset(include_meta=False),
+        )
+    except Exception as exc:  # noqa: BLE001 - a handler answers every failure with a status
+        status = _status_for(exc)
+        if not isinstance(exc, PacsaiError):
+            log.exception("unexpected error while storing an instance", extra={"action": "store"})
+        elif isinstance(exc, DatabaseError):
+            log.error("database error while storing an instance: %s", exc)
+        receiver.instances.audit_failure(
+            state, status=status, error=exc, affected_sop_instance_uid=affected_instance
+        )
+        return _response(status, str(exc) if isinstance(exc, PacsaiError) else "internal error")
+    return _response(StoreStatus.SUCCESS)
+
+
+_OUTCOMES = {
+    evt.EVT_RELEASED: AssociationOutcome.RELEASED,
+    evt.EVT_ABORTED: AssociationOutcome.ABORTED,
+    evt.EVT_CONN_CLOSE: AssociationOutcome.ABORTED,  # closed without release: only if still open
+}
+
+
+def handle_association(event: Any, receiver: Receiver) -> None:
+    """EVT_ACCEPTED, EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: record the association's life."""
+    try:
+        if event.event is evt.EVT_ACCEPTED:
+            receiver.begin(event.assoc)
+        else:
+            receiver.end(event.assoc, _OUTCOMES[event.event])
+    except PacsaiError as exc:
+        log.error("could not record an association event: %s", exc)
+    except Exception:  # noqa: BLE001 - an exception here would kill the association thread
+        log.exception("unexpected error while recording an association event")

@@ -1,0 +1,139 @@
+"""The spool: where received instances are written durably, as they arrived.
+
+A file is written to a temporary name in the spool's own filesystem, fsynced, and renamed into
+place; the directory is fsynced after the rename. A reader never sees a partial file, and a file
+whose instance was acknowledged survives ``kill -9`` and power loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from pacsai.errors import ReceiveError, StorageFullError
+
+__all__ = ["Spool"]
+
+log = logging.getLogger(__name__)
+
+_INCOMING = ".incoming"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A directory tree ``<study>/<series>/<sop>.<sha256 prefix>.dcm`` below `root`.
+
+    Parameters
+    ----------
+    root
+        The spool directory (``storage.spool_dir``); created if missing.
+    min_free_bytes
+        Refuse a write that would leave less than this much free space.
+    """
+
+    def __init__(self, root: Path, *, min_free_bytes: int) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_bytes = min_free_bytes
+        self._incoming = self.root / _INCOMING
+        try:
+            self._incoming.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReceiveError(
+                f"cannot create the spool directory {self.root}: {exc.strerror}; "
+                "check storage.spool_dir and its permissions"
+            ) from exc
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+        """Where an instance lives, relative to the spool root. The UIDs must be validated."""
+        return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of a spool-relative path."""
+        return self.root / relative
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process in the spool's filesystem."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def check_space(self, incoming_bytes: int) -> None:
+        """Raise StorageFullError if writing `incoming_bytes` would go below the minimum."""
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise StorageFullError(
+                f"spool {self.root} has {free // 2**20} MiB free; storage.min_free_mb asks for "
+                f"{self.min_free_bytes // 2**20} MiB to remain"
+            )
+
+    def write(self, relative: str, chunks: tuple[bytes, ...]) -> int:
+        """Write `chunks` durably to `relative`, replacing any file there; return the size.
+
+        Raises
+        ------
+        StorageFullError
+            If the spool is below its free-space minimum or the disk fills up (ENOSPC, EDQUOT);
+            no partial file is left behind.
+        ReceiveError
+            For any other OS error; no partial file is left behind.
+        """
+        size = sum(len(chunk) for chunk in chunks)
+        self.check_space(size)
+        final = self.root / relative
+        temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._make_parents(final.parent)
+            os.replace(temp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(f"the spool filesystem is full: {exc.strerror}") from exc
+            raise ReceiveError(f"cannot write to the spool: {exc.strerror}") from exc
+        return size
+
+    def _make_parents(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):  # make each new directory entry durable
+            _fsync_dir(created.parent)
+
+    def remove(self, relative: str) -> None:
+        """Delete a superseded file; a missing file is not an error."""
+        try:
+            (self.root / relative).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not delete superseded spool file %s: %s", relative, exc.strerror)
+
+    def clean_incoming(self) -> int:
+        """Delete temporary files left by a crash (never acknowledged); return how many."""
+        removed = 0
+        for leftover in self._incoming.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed

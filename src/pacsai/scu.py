@@ -1,0 +1,212 @@
+"""The SCU side for people: C-ECHO a peer, and C-STORE files and folders to it as they are."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import code_to_category
+
+from pacsai.errors import ConfigError, DeliveryError
+
+__all__ = ["PushSummary", "Target", "echo", "iter_files", "push"]
+
+_TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
+_MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A DICOM peer written as ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """Parse ``AET@HOST:PORT`` (an IPv6 host in brackets).
+
+        Raises
+        ------
+        ConfigError
+            If `text` is not of that form.
+        """
+        match = _TARGET.match(text.strip())
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ConfigError(
+                f"{text!r} is not AET@HOST:PORT (for example ORTHANC@127.0.0.1:4242)"
+            )
+        return cls(match["aet"], match["host"].strip("[]"), int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _ae(calling_ae_title: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    return ae
+
+
+def echo(target: Target, *, calling_ae_title: str = "PACSAI", timeout: float = 30.0) -> int:
+    """Send C-ECHO; return the status.
+
+    Raises
+    ------
+    DeliveryError
+        If no association could be established (refused, rejected, timed out).
+    """
+    ae = _ae(calling_ae_title, timeout)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"could not associate with {target}: {_why(assoc)}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise DeliveryError(f"{target} sent no C-ECHO response")
+    return int(status.Status)
+
+
+def _why(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "association rejected (check the AE titles and the peer's allow-list)"
+    if getattr(assoc, "is_aborted", False):
+        return "association aborted by the peer"
+    return "no answer (is the peer running, and is the host and port right?)"
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Every file under `paths` (folders recursively), in a stable order."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+@dataclass
+class PushSummary:
+    """What a push did, per outcome: ``Success``, ``0xA900 Failure``, ``not sent: ...``."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(n for key, n in self.outcomes.items() if key.startswith(("Success", "Warning")))
+
+    @property
+    def failed(self) -> int:
+        return sum(self.outcomes.values()) - self.succeeded
+
+    def add(self, path: Path, outcome: str, ok: bool, detail: str = "") -> None:
+        self.outcomes[outcome] += 1
+        if not ok:
+            self.failures.append((path, f"{outcome}: {detail}" if detail else outcome))
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+def _inspect(path: Path) -> _Item | str:
+    try:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+        return _Item(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+    except (InvalidDicomError, AttributeError):
+        return "not sent: not a DICOM file with file meta information"
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        return f"not sent: unreadable ({type(exc).__name__})"
+
+
+def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
+    """Split items so that no association needs more than 128 presentation contexts."""
+    batch: list[_Item] = []
+    contexts: set[tuple[str, str]] = set()
+    for item in items:
+        key = (item.sop_class_uid, item.transfer_syntax_uid)
+        if key not in contexts and len(contexts) == _MAX_CONTEXTS:
+            yield batch
+            batch, contexts = [], set()
+        contexts.add(key)
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def push(
+    paths: Iterable[Path],
+    target: Target,
+    *,
+    calling_ae_title: str = "PACSAI",
+    timeout: float = 60.0,
+    on_file: Callable[[Path, str], None] | None = None,
+) -> PushSummary:
+    """C-STORE every DICOM file under `paths` to `target`, each as it is on disk.
+
+    The data set is sent in the transfer syntax it was written in, without being decoded.
+    `on_file` is called after each file with the outcome text (for a progress bar).
+
+    Raises
+    ------
+    DeliveryError
+        If no association could be established at all.
+    """
+    summary = PushSummary()
+    items: list[_Item] = []
+    for path in iter_files(paths):
+        inspected = _inspect(path)
+        if isinstance(inspected, str):
+            summary.add(path, inspected, ok=False)
+            if on_file:
+                on_file(path, inspected)
+        else:
+            items.append(inspected)
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk, undecoded
+    for batch in _batches(items):
+        ae = _ae(calling_ae_title, timeout)
+        for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+        if not assoc.is_established:
+            raise DeliveryError(f"could not associate with {target}: {_why(assoc)}")
+        try:
+            for item in batch:
+                outcome, detail, ok = _send(assoc, item)
+                summary.add(item.path, outcome, ok, detail)
+                if on_file:
+                    on_file(item.path, outcome)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return summary
+
+
+def _send(assoc: object, item: _Item) -> tuple[str, str, bool]:
+    """Send one file; return (outcome, detail, ok)."""
+    try:
+        response = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
+    except (ValueError, AttributeError) as exc:
+        return "not sent: the peer accepted no presentation context for it", str(exc)[:200], False
+    if "Status" not in response:
+        return "no response (association lost or timed out)", "", False
+    status = int(response.Status)
+    category = code_to_category(status)
+    comment = str(response.get("ErrorComment", "")).strip()
+    label = "Success" if status == 0 else f"0x{status:04X} {category}"
+    return label, comment, category in ("Success", "Warning")

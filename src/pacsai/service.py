@@ -1,0 +1,122 @@
+"""The node: database, spool, receiver and study assembly, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pydicom.config
+from pynetdicom import _config as pynetdicom_config
+
+from pacsai import __version__
+from pacsai.config import Settings
+from pacsai.db import (
+    AuditAction,
+    AuditEventId,
+    AuditEventType,
+    AuditOutcome,
+    Database,
+    append_event,
+    current_revision,
+    head_revision,
+    upgrade,
+    utcnow,
+)
+from pacsai.db.repository import interrupt_open_associations
+from pacsai.errors import ConfigError
+from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
+
+__all__ = ["Node", "configure_libraries", "prepare_database"]
+
+log = logging.getLogger(__name__)
+
+
+def configure_libraries() -> None:
+    """Set the libraries' process-wide flags, once, at start-up."""
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    # Tolerant when reading: a value pydicom cannot convert is kept as it arrived.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def prepare_database(settings: Settings) -> Database:
+    """Open the database and bring its schema to this version's (or insist that it is)."""
+    database = Database(settings.database.url, pool_size=settings.node.max_associations + 4)
+    if settings.database.auto_upgrade:
+        upgrade(database)
+    elif current_revision(database) != head_revision():
+        raise ConfigError(
+            f"the database schema is at {current_revision(database)}, this pacsai needs "
+            f"{head_revision()}: run `pacsai db upgrade` (database.auto_upgrade is false)"
+        )
+    return database
+
+
+class Node:
+    """Everything `pacsai serve` runs in one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = prepare_database(settings)
+        self.spool = Spool(
+            settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
+        )
+        self.instances = InstanceStore(database=self.database, spool=self.spool)
+        self.receiver = Receiver(settings.node, instances=self.instances)
+        self.completion = StudyCompletionMonitor(
+            self.database, interval=min(1.0, settings.node.study_quiet_seconds / 4)
+        )
+        self._stopped = threading.Event()
+
+    def _audit_activity(self, event_type: AuditEventType) -> None:
+        with self.database.transaction() as session:
+            append_event(
+                session=session,
+                event_id=AuditEventId.APPLICATION_ACTIVITY,
+                event_type=event_type,
+                action=AuditAction.EXECUTE,
+                outcome=AuditOutcome.SUCCESS,
+                actor=self.settings.node.ae_title,
+                detail={"version": __version__},
+            )
+
+    def start(self) -> None:
+        """Recover what a previous run left, then receive and assemble studies."""
+        leftovers = self.spool.clean_incoming()
+        with self.database.transaction() as session:
+            interrupted = interrupt_open_associations(session=session, now=utcnow())
+        if leftovers or interrupted:
+            log.warning(
+                "recovered from an unclean stop: %d unacknowledged partial files removed, "
+                "%d open associations closed as INTERRUPTED",
+                leftovers,
+                interrupted,
+            )
+        self._audit_activity(AuditEventType.APPLICATION_START)
+        self.receiver.start()
+        self.completion.run_once()  # studies that went quiet while the node was down
+        self.completion.start()
+        node = self.settings.node
+        log.info(
+            "pacsai %s listening as AE %s on %s:%d%s; database %s; spool %s",
+            __version__,
+            node.ae_title,
+            node.host,
+            self.receiver.port,
+            " (TLS)" if node.tls.enabled else "",
+            self.database.display_url,
+            self.spool.root,
+        )
+
+    def stop(self) -> None:
+        """Finish in-flight instances, stop, and record the stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping: no new associations; waiting for open ones to finish")
+        self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        self.completion.stop()
+        self._audit_activity(AuditEventType.APPLICATION_STOP)
+        self.database.dispose()
+        log.info("stopped")
