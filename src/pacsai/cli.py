@@ -102,9 +102,7 @@ def echo(target: str, aet: str, timeout: float) -> None:
 
 
 @main.command()
-@click.argument(
-    "paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
-)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "target", required=True, help="Destination as AET@HOST:PORT.")
 @click.option("--aet", default="PACSAI", show_default=True, help="Calling AE title.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")

@@ -41,9 +41,7 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backs
 def _check_ae_title(value: str) -> str:
     stripped = value.strip()
     if not stripped or not _AE_TITLE.match(value):
-        raise ValueError(
-            "must be 1 to 16 printable characters without a backslash (DICOM AE VR)"
-        )
+        raise ValueError("must be 1 to 16 printable characters without a backslash (DICOM AE VR)")
     return stripped
 
 
@@ -162,7 +160,9 @@ class Route(_Section):
     when: dict[str, Any] = Field(default_factory=dict)
     series: dict[str, Any] = Field(default_factory=dict)
     model: str
-    outputs: list[Literal["seg", "sr", "overlay"]] = Field(default_factory=lambda: ["seg", "sr"])
+    outputs: list[Literal["seg", "sr", "overlay"]] = Field(
+        default_factory=lambda: ["seg", "sr"]  # type: ignore[arg-type]
+    )
     send_to: list[str] = Field(default_factory=list)
 
 

@@ -42,9 +42,7 @@ class Target:
         """
         match = _TARGET.match(text.strip())
         if not match or not 0 < int(match["port"]) < 65536:
-            raise ConfigError(
-                f"{text!r} is not AET@HOST:PORT (for example ORTHANC@127.0.0.1:4242)"
-            )
+            raise ConfigError(f"{text!r} is not AET@HOST:PORT (for example ORTHANC@127.0.0.1:4242)")
         return cls(match["aet"], match["host"].strip("[]"), int(match["port"]))
 
     def __str__(self) -> str:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import threading
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
@@ -26,7 +31,7 @@ from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError
 from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
 
-__all__ = ["Node", "configure_libraries", "prepare_database"]
+__all__ = ["Node", "configure_libraries", "prepare_database", "run_receiver_process"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,14 @@ class Node:
             settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
         )
         self.instances = InstanceStore(database=self.database, spool=self.spool)
-        self.receiver = Receiver(settings.node, instances=self.instances)
+        processes = settings.node.receiver_processes
+        self.receiver = Receiver(
+            settings.node,
+            instances=self.instances,
+            reuse_port=processes > 1,
+            max_associations=_share(settings.node.max_associations, processes),
+        )
+        self._children: list[BaseProcess] = []
         self.completion = StudyCompletionMonitor(
             self.database, interval=min(1.0, settings.node.study_quiet_seconds / 4)
         )
@@ -95,6 +107,7 @@ class Node:
             )
         self._audit_activity(AuditEventType.APPLICATION_START)
         self.receiver.start()
+        self._start_children()
         self.completion.run_once()  # studies that went quiet while the node was down
         self.completion.start()
         node = self.settings.node
@@ -115,8 +128,66 @@ class Node:
             return
         self._stopped.set()
         log.info("stopping: no new associations; waiting for open ones to finish")
+        for child in self._children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        for child in self._children:
+            child.join(self.settings.node.shutdown_grace_seconds + 10)
         self.completion.stop()
         self._audit_activity(AuditEventType.APPLICATION_STOP)
         self.database.dispose()
         log.info("stopped")
+
+    def _start_children(self) -> None:
+        """Extra receiver processes on the same port (SO_REUSEPORT), one per further core."""
+        extra = self.settings.node.receiver_processes - 1
+        if extra <= 0:
+            return
+        context = multiprocessing.get_context("spawn")
+        data = self.settings.model_dump(mode="json")
+        data["node"]["port"] = self.receiver.port  # the port actually bound, if 0 was asked
+        share = _share(self.settings.node.max_associations, extra + 1)
+        for index in range(extra):
+            child = context.Process(
+                target=run_receiver_process,
+                args=(data, share, os.getpid()),
+                name=f"pacsai-receiver-{index + 1}",
+                daemon=False,
+            )
+            child.start()
+            self._children.append(child)
+
+
+def _share(total: int, processes: int) -> int:
+    return max(1, -(-total // processes))
+
+
+def run_receiver_process(data: dict[str, Any], max_associations: int, parent_pid: int) -> None:
+    """Entry point of an extra receiver process: receive until SIGTERM or the parent is gone.
+
+    Study completion, recovery and the audit of start and stop stay with the parent.
+    """
+    from pacsai.logs import setup_logging
+
+    settings = Settings(**data)
+    setup_logging(settings.logging)
+    configure_libraries()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    database = Database(settings.database.url, pool_size=max_associations + 2)
+    spool = Spool(settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20)
+    receiver = Receiver(
+        settings.node,
+        instances=InstanceStore(database=database, spool=spool),
+        reuse_port=True,
+        max_associations=max_associations,
+    )
+    receiver.start()
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:  # the parent was killed: stop receiving, cleanly
+            log.warning("the main pacsai process is gone; this receiver stops")
+            break
+    receiver.stop(settings.node.shutdown_grace_seconds)
+    database.dispose()

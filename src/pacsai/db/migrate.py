@@ -35,7 +35,9 @@ def current_revision(database: Database) -> str | None:
         with database.engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the schema version of {database.display_url}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot read the schema version of {database.display_url}: {exc}"
+        ) from exc
 
 
 def upgrade(database: Database, revision: str = "head", **attributes: Any) -> None:

@@ -181,9 +181,7 @@ class Instance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    association_id: Mapped[str | None] = mapped_column(
-        ForeignKey("associations.id"), index=True
-    )
+    association_id: Mapped[str | None] = mapped_column(ForeignKey("associations.id"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacsai.db.audit import AuditAction, AuditEventId, AuditOutcome, append_event
@@ -29,7 +28,7 @@ from pacsai.db.models import (
     Study,
     StudyStatus,
 )
-from pacsai.errors import InvalidInstanceError, ReceiveError
+from pacsai.errors import InvalidInstanceError
 
 __all__ = [
     "ReceivedInstance",
@@ -84,7 +83,9 @@ class RecordResult:
     old_path: str | None = None
 
 
-def _insert_ignoring_conflict(session: Session, model: Any, key: str, values: dict[str, Any]) -> None:
+def _insert_ignoring_conflict(
+    session: Session, model: Any, key: str, values: dict[str, Any]
+) -> None:
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
@@ -103,70 +104,78 @@ def _touch_study(
     calling_ae_title: str,
     quiet_seconds: float,
     now: datetime,
-    delta: int,
 ) -> int:
-    _insert_ignoring_conflict(
-        session,
-        Study,
-        "study_instance_uid",
-        {
-            "study_instance_uid": item.study_instance_uid,
-            "patient_id": item.patient_id,
-            "patient_name": item.patient_name,
-            "accession_number": item.accession_number,
-            "study_date": item.study_date,
-            "study_description": item.study_description,
-            "status": StudyStatus.RECEIVING,
-            "quiet_seconds": quiet_seconds,
-            "calling_ae_title": calling_ae_title,
-            "instance_count": 0,
-            "first_received_at": now,
-            "last_received_at": now,
-        },
-    )
-    # Re-opens a COMPLETE study: it will complete again, with a new job, once quiet.
-    study_id: int = session.execute(
+    """Count an instance into its study, creating the study on its first instance.
+
+    Re-opens a COMPLETE study: it completes again, with a new job, once quiet.
+    """
+    statement = (
         update(Study)
         .where(Study.study_instance_uid == item.study_instance_uid)
         .values(
             status=StudyStatus.RECEIVING,
             last_received_at=now,
             quiet_seconds=quiet_seconds,
-            instance_count=Study.instance_count + delta,
+            instance_count=Study.instance_count + 1,
         )
         .returning(Study.id)
-    ).scalar_one()
-    return study_id
-
-
-def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int, delta: int) -> int:
-    _insert_ignoring_conflict(
-        session,
-        Series,
-        "series_instance_uid",
-        {
-            "study_id": study_id,
-            "series_instance_uid": item.series_instance_uid,
-            "modality": item.modality,
-            "series_number": item.series_number,
-            "series_description": item.series_description,
-            "body_part_examined": item.body_part_examined,
-            "instance_count": 0,
-        },
     )
-    row = session.execute(
+    study_id = session.execute(statement).scalar_one_or_none()
+    if study_id is None:
+        _insert_ignoring_conflict(
+            session,
+            Study,
+            "study_instance_uid",
+            {
+                "study_instance_uid": item.study_instance_uid,
+                "patient_id": item.patient_id,
+                "patient_name": item.patient_name,
+                "accession_number": item.accession_number,
+                "study_date": item.study_date,
+                "study_description": item.study_description,
+                "status": StudyStatus.RECEIVING,
+                "quiet_seconds": quiet_seconds,
+                "calling_ae_title": calling_ae_title,
+                "instance_count": 0,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        )
+        study_id = session.execute(statement).scalar_one()
+    return int(study_id)
+
+
+def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) -> int:
+    """Count an instance into its series, creating the series on its first instance."""
+    statement = (
         update(Series)
         .where(Series.series_instance_uid == item.series_instance_uid)
-        .values(instance_count=Series.instance_count + delta)
+        .values(instance_count=Series.instance_count + 1)
         .returning(Series.id, Series.study_id)
-    ).one()
+    )
+    row = session.execute(statement).one_or_none()
+    if row is None:
+        _insert_ignoring_conflict(
+            session,
+            Series,
+            "series_instance_uid",
+            {
+                "study_id": study_id,
+                "series_instance_uid": item.series_instance_uid,
+                "modality": item.modality,
+                "series_number": item.series_number,
+                "series_description": item.series_description,
+                "body_part_examined": item.body_part_examined,
+                "instance_count": 0,
+            },
+        )
+        row = session.execute(statement).one()
     if row.study_id != study_id:
         raise InvalidInstanceError(
             f"Series Instance UID {item.series_instance_uid} already belongs to another study; "
             "the sender reuses UIDs across studies"
         )
-    series_id: int = row.id
-    return series_id
+    return int(row.id)
 
 
 def record_instance(
@@ -181,27 +190,28 @@ def record_instance(
 ) -> RecordResult:
     """Record a spooled instance, its study and its series; audit a replacement.
 
+    A new instance costs four statements: look it up, count it into its study and its series,
+    insert it. When another association inserts the same SOP Instance UID at the same moment, the
+    unique constraint fails the transaction, and the sender is answered with a retryable failure.
+
     Raises
     ------
     InvalidInstanceError
         If the instance's series is already recorded under another study.
-    ReceiveError
-        If another association records the same SOP Instance UID at the same moment.
     """
-    existing = find_instance(session=session, sop_instance_uid=item.sop_instance_uid)
+    existing = session.execute(
+        select(
+            Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id
+        ).where(Instance.sop_instance_uid == item.sop_instance_uid)
+    ).one_or_none()
     if existing is not None and existing.sha256 == item.sha256:
         return RecordResult(StoreOutcome.DUPLICATE)
 
     # Counts go to the new study and series; a replacement takes them back from the old ones.
     study_id = _touch_study(
-        session,
-        item,
-        calling_ae_title=calling_ae_title,
-        quiet_seconds=quiet_seconds,
-        now=now,
-        delta=1,
+        session, item, calling_ae_title=calling_ae_title, quiet_seconds=quiet_seconds, now=now
     )
-    series_id = _touch_series(session, item, study_id=study_id, delta=1)
+    series_id = _touch_series(session, item, study_id=study_id)
     columns: dict[str, Any] = {
         "study_id": study_id,
         "series_id": series_id,
@@ -217,18 +227,13 @@ def record_instance(
         "received_at": now,
     }
     if existing is None:
-        try:
-            with session.begin_nested():
-                session.add(Instance(sop_instance_uid=item.sop_instance_uid, **columns))
-        except IntegrityError:
-            # Another association stored the same SOP Instance UID a moment ago.
-            raise ReceiveError(
-                f"SOP Instance UID {item.sop_instance_uid} is being stored by another "
-                "association at the same time; send it again"
-            ) from None
+        session.execute(
+            insert(Instance).values(
+                sop_instance_uid=item.sop_instance_uid, replaced_count=0, **columns
+            )
+        )
         return RecordResult(StoreOutcome.STORED)
 
-    old_path, old_sha256 = existing.path, existing.sha256
     session.execute(
         update(Study)
         .where(Study.id == existing.study_id)
@@ -239,9 +244,11 @@ def record_instance(
         .where(Series.id == existing.series_id)
         .values(instance_count=Series.instance_count - 1)
     )
-    for name, value in columns.items():
-        setattr(existing, name, value)
-    existing.replaced_count += 1
+    session.execute(
+        update(Instance)
+        .where(Instance.id == existing.id)
+        .values(replaced_count=Instance.replaced_count + 1, **columns)
+    )
     append_event(
         session=session,
         event_id=AuditEventId.INSTANCES_TRANSFERRED,
@@ -256,12 +263,12 @@ def record_instance(
             "what": "instance replaced: same SOP Instance UID, different bytes",
             "sop_instance_uid": item.sop_instance_uid,
             "sop_class_uid": item.sop_class_uid,
-            "old_sha256": old_sha256,
+            "old_sha256": existing.sha256,
             "new_sha256": item.sha256,
             "association_id": association_id,
         },
     )
-    return RecordResult(StoreOutcome.REPLACED, old_path=old_path)
+    return RecordResult(StoreOutcome.REPLACED, old_path=existing.path)
 
 
 def open_association(
@@ -341,9 +348,9 @@ def close_association(
 
 def interrupt_open_associations(*, session: Session, now: datetime) -> int:
     """At start-up: close associations a stopped or killed node left open, and audit them."""
-    open_ones = session.execute(
-        select(Association).where(Association.ended_at.is_(None))
-    ).scalars().all()
+    open_ones = (
+        session.execute(select(Association).where(Association.ended_at.is_(None))).scalars().all()
+    )
     for association in open_ones:
         association.outcome = AssociationOutcome.INTERRUPTED
         association.ended_at = now

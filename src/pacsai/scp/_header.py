@@ -79,7 +79,7 @@ def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
     try:
         element = ds["PixelData"]
         value = element.value
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UnreadableInstanceError(f"Pixel Data cannot be read: {exc}") from exc
     if value is None or len(value) == 0:
         raise InvalidInstanceError("Pixel Data is empty")
@@ -94,7 +94,7 @@ def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidInstanceError(
             f"Rows, Columns, BitsAllocated, SamplesPerPixel or NumberOfFrames is unusable: {exc}"
         ) from exc
@@ -131,7 +131,7 @@ def read_header(
         transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
         raise UnreadableInstanceError(f"the data set cannot be parsed: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - pydicom's reader raises arbitrary types on junk
+    except Exception as exc:
         raise UnreadableInstanceError(
             f"the data set cannot be parsed: {type(exc).__name__}: {exc}"
         ) from exc
@@ -139,7 +139,7 @@ def read_header(
     def uid(keyword: str) -> str:
         try:
             value: Any = ds.get(keyword)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise InvalidInstanceError(f"{keyword} cannot be read: {exc}") from exc
         return validate_uid(value, keyword)
 

@@ -9,8 +9,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 
 from pacsai.db import AssociationOutcome
@@ -78,7 +78,7 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
             file_meta=_encoded_file_meta(event),
             dataset=event.encoded_dataset(include_meta=False),
         )
-    except Exception as exc:  # noqa: BLE001 - a handler answers every failure with a status
+    except Exception as exc:
         status = _status_for(exc)
         if not isinstance(exc, PacsaiError):
             log.exception("unexpected error while storing an instance", extra={"action": "store"})
@@ -107,5 +107,5 @@ def handle_association(event: Any, receiver: Receiver) -> None:
             receiver.end(event.assoc, _OUTCOMES[event.event])
     except PacsaiError as exc:
         log.error("could not record an association event: %s", exc)
-    except Exception:  # noqa: BLE001 - an exception here would kill the association thread
+    except Exception:
         log.exception("unexpected error while recording an association event")

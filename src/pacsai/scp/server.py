@@ -11,14 +11,14 @@ import uuid
 from typing import Any
 
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -101,11 +101,13 @@ class _PolicyACSE(ACSE):
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
+        assert request is not None  # an acceptor negotiates only after an A-ASSOCIATE-RQ
         calling = str(request.calling_ae_title or "").strip()
         called = str(request.called_ae_title or "").strip()
         host = self.assoc.requestor.address
         active = sum(
-            1 for other in self._receiver.ae.active_associations
+            1
+            for other in self._receiver.ae.active_associations
             if other.is_acceptor and other is not self.assoc and other.is_established
         )
         verdict = self._receiver.policy.check(
@@ -115,7 +117,9 @@ class _PolicyACSE(ACSE):
             super()._negotiate_as_acceptor()
             return
         self._receiver.instances.audit_rejection(
-            calling_ae_title=calling, called_ae_title=called, host=host,
+            calling_ae_title=calling,
+            called_ae_title=called,
+            host=host,
             explanation=verdict.explanation,
         )
         rejection = verdict.rejection
@@ -163,11 +167,13 @@ class _Server(ThreadedAssociationServer):
     daemon_threads = True
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         if self.reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
@@ -221,6 +227,7 @@ class Receiver:
         ae.require_called_aet = False  # the policy checks it
         ae.require_calling_aet = []
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
@@ -258,7 +265,7 @@ class Receiver:
             reuse_port = self.reuse_port
 
         try:
-            server = self.ae.make_server(
+            server: _Server = self.ae.make_server(  # type: ignore[assignment]
                 (node.host, node.port),
                 evt_handlers=handlers,
                 ssl_context=context,

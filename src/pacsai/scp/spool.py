@@ -102,7 +102,7 @@ class Spool:
             finally:
                 os.close(fd)
             self._make_parents(final.parent)
-            os.replace(temp, final)
+            temp.replace(final)
             _fsync_dir(final.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)

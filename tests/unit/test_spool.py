@@ -1,0 +1,246 @@
+"""The spool: atomic, durable writes below validated paths, and cleanup of what a crash left."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from pacsai.errors import InvalidInstanceError, ReceiveError, StorageFullError
+from pacsai.scp import spool as spool_module
+from pacsai.scp.spool import Spool
+from pacsai.scp.uids import validate_uid
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+def _relative(spool: Spool, payload: bytes) -> str:
+    return spool.relative_path(
+        generate_uid(), generate_uid(), generate_uid(), hashlib.sha256(payload).hexdigest()
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool", min_free_bytes=0)
+
+
+def test_the_spool_creates_its_directories(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "a" / "b" / "spool", min_free_bytes=0)
+
+    assert spool.root == (tmp_path / "a" / "b" / "spool").resolve()
+    assert (spool.root / ".incoming").is_dir()
+    assert _files(spool.root) == []
+
+
+def test_a_spool_that_cannot_be_created_is_a_receive_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a directory")
+
+    with pytest.raises(ReceiveError, match="storage.spool_dir"):
+        Spool(blocker / "spool", min_free_bytes=0)
+
+
+def test_write_puts_exactly_the_chunks_in_the_final_file(spool: Spool) -> None:
+    chunks = (b"\x00" * 128 + b"DICM", b"meta" * 100, os.urandom(200_000), b"")
+    relative = _relative(spool, b"".join(chunks[1:]))
+
+    size = spool.write(relative, chunks)
+
+    final = spool.absolute(relative)
+    assert size == sum(len(chunk) for chunk in chunks)
+    assert final.read_bytes() == b"".join(chunks)
+    assert _files(spool.root) == [final]  # no .part left in .incoming or anywhere else
+    assert list((spool.root / ".incoming").iterdir()) == []
+
+
+def test_write_replaces_an_existing_file_whole(spool: Spool) -> None:
+    relative = _relative(spool, b"x")
+    spool.write(relative, (b"first version, longer than the second",))
+
+    spool.write(relative, (b"second",))
+
+    assert spool.absolute(relative).read_bytes() == b"second"
+    assert _files(spool.root) == [spool.absolute(relative)]
+
+
+def test_relative_path_is_study_series_instance_below_the_root(spool: Spool) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    sha256 = hashlib.sha256(b"data").hexdigest()
+
+    relative = spool.relative_path(study, series, sop, sha256)
+
+    assert relative == f"{study}/{series}/{sop}.{sha256[:16]}.dcm"
+    assert Path(relative).parts[:2] == (study, series)
+    assert not Path(relative).is_absolute()
+    resolved = spool.absolute(relative).resolve()
+    assert resolved.is_relative_to(spool.root)
+
+
+def test_relative_path_parts_are_validated_uids(spool: Spool) -> None:
+    # The receive path validates every UID before it builds a path with it; a UID that
+    # would leave the spool never gets that far.
+    sha256 = hashlib.sha256(b"data").hexdigest()
+    for hostile in ("..", "../../etc", "/etc", "1.2/../../..", "1.2.3\\..\\x"):
+        with pytest.raises(InvalidInstanceError):
+            spool.relative_path(
+                validate_uid("1.2.3", "Study"),
+                validate_uid(hostile, "Series"),
+                validate_uid("1.2.4", "SOP"),
+                sha256,
+            )
+
+    relative = spool.relative_path(
+        validate_uid("1.2.3\x00", "Study"),
+        validate_uid("1.2.3.4 ", "Series"),
+        validate_uid("1.2.3.4.5", "SOP"),
+        sha256,
+    )
+    study, series, name = Path(relative).parts
+    assert (study, series) == ("1.2.3", "1.2.3.4")
+    assert name == f"1.2.3.4.5.{sha256[:16]}.dcm"
+    for part in (study, series, name.removesuffix(".dcm")):
+        assert set(part) <= set("0123456789abcdef.")
+
+
+def test_check_space_raises_storage_full_below_the_minimum(tmp_path: Path) -> None:
+    probe = Spool(tmp_path / "spool", min_free_bytes=0)
+    free = probe.free_bytes()
+    assert free > 0
+
+    probe.check_space(0)
+    with pytest.raises(StorageFullError, match="storage.min_free_mb") as caught:
+        probe.check_space(free + 2**20)
+    assert str(probe.root) in str(caught.value)
+
+    greedy = Spool(tmp_path / "spool", min_free_bytes=free + 2**30)
+    with pytest.raises(StorageFullError):
+        greedy.check_space(0)
+    assert isinstance(caught.value, ReceiveError)
+
+
+def test_write_below_the_minimum_leaves_nothing(tmp_path: Path) -> None:
+    probe = Spool(tmp_path / "spool", min_free_bytes=0)
+    greedy = Spool(tmp_path / "spool", min_free_bytes=probe.free_bytes() + 2**30)
+    relative = _relative(greedy, b"data")
+
+    with pytest.raises(StorageFullError):
+        greedy.write(relative, (b"data",))
+
+    assert _files(greedy.root) == []
+    assert not greedy.absolute(relative).parent.exists()
+
+
+def _failing_write(monkeypatch: pytest.MonkeyPatch, error: int, *, after: int) -> None:
+    """Make the spool's os.write write `after` bytes, then fail with `error`."""
+    real_write = os.write
+    written = 0
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        nonlocal written
+        if written >= after:
+            raise OSError(error, os.strerror(error))
+        count = real_write(fd, bytes(data[: after - written]))
+        written += count
+        return count
+
+    monkeypatch.setattr(spool_module.os, "write", write)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_during_write_is_storage_full_and_leaves_no_partial_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    _failing_write(monkeypatch, error, after=1000)
+    relative = _relative(spool, b"data")
+
+    with pytest.raises(StorageFullError, match="full") as caught:
+        spool.write(relative, (b"m" * 500, b"d" * 5000))
+
+    assert isinstance(caught.value.__cause__, OSError)
+    assert _files(spool.root) == []
+
+
+def test_another_os_error_is_a_receive_error_and_leaves_no_partial_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_write(monkeypatch, errno.EIO, after=10)
+    relative = _relative(spool, b"data")
+
+    with pytest.raises(ReceiveError) as caught:
+        spool.write(relative, (b"d" * 5000,))
+
+    assert not isinstance(caught.value, StorageFullError)
+    assert _files(spool.root) == []
+
+
+def test_a_failing_fsync_leaves_no_partial_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    relative = _relative(spool, b"data")
+
+    with pytest.raises(StorageFullError):
+        spool.write(relative, (b"d" * 5000,))
+
+    monkeypatch.undo()
+    assert _files(spool.root) == []
+
+
+def test_a_failed_write_keeps_the_previous_version(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relative = _relative(spool, b"data")
+    spool.write(relative, (b"acknowledged bytes",))
+    _failing_write(monkeypatch, errno.ENOSPC, after=3)
+
+    with pytest.raises(StorageFullError):
+        spool.write(relative, (b"new bytes that do not fit",))
+
+    assert spool.absolute(relative).read_bytes() == b"acknowledged bytes"
+    assert _files(spool.root) == [spool.absolute(relative)]
+
+
+def test_clean_incoming_removes_leftover_part_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    incoming = spool.root / ".incoming"
+    for name in ("a.part", "b.part", "c.part"):
+        (incoming / name).write_bytes(b"partial")
+    kept = spool.absolute(_relative(spool, b"kept"))
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an acknowledged file")
+
+    assert spool.clean_incoming() == 3
+
+    assert list(incoming.iterdir()) == []
+    assert kept.read_bytes() == b"an acknowledged file"
+    assert spool.clean_incoming() == 0
+
+
+def test_a_new_spool_on_an_old_directory_keeps_it(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "spool", min_free_bytes=0)
+    relative = _relative(first, b"x")
+    first.write(relative, (b"x",))
+
+    second = Spool(tmp_path / "spool", min_free_bytes=0)
+
+    assert second.absolute(relative).read_bytes() == b"x"
+
+
+def test_remove_deletes_and_tolerates_a_missing_file(spool: Spool) -> None:
+    relative = _relative(spool, b"x")
+    spool.write(relative, (b"x",))
+
+    spool.remove(relative)
+    spool.remove(relative)
+
+    assert not spool.absolute(relative).exists()
