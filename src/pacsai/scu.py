@@ -80,9 +80,10 @@ def echo(target: Target, *, calling_ae_title: str = "PACSAI", timeout: float = 3
 def _why(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "association rejected (check the AE titles and the peer's allow-list)"
-    if getattr(assoc, "is_aborted", False):
-        return "association aborted by the peer"
-    return "no answer (is the peer running, and is the host and port right?)"
+    return (
+        "no association (refused, aborted or timed out): is the peer running, and are its "
+        "host, port and AE title right?"
+    )
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[Path]:

@@ -1,4 +1,4 @@
-"""Receiving over real associations: pynetdicom and DCMTK storescu push, the node stores and records."""
+"""Receiving over real associations: pynetdicom and storescu push; the node stores and records."""
 
 from __future__ import annotations
 
@@ -102,9 +102,22 @@ def test_storescu_stores_real_mr_series(
     assert len(files) == 35
 
     result = subprocess.run(
-        [storescu, "-aet", "STORESCU", "-aec", "PACSAI", "+sd", "+r",
-         "127.0.0.1", str(node.receiver.port), str(folder)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "PACSAI",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(node.receiver.port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr
@@ -201,9 +214,9 @@ def test_same_instance_twice_is_a_no_op_and_other_bytes_replace_with_audit(
         instance = session.execute(select(Instance)).scalar_one()
         assert instance.replaced_count == 1
         assert session.execute(select(Study.instance_count)).scalar_one() == 1
-        updates = session.execute(
-            select(AuditEvent).where(AuditEvent.action == "U")
-        ).scalars().all()
+        updates = (
+            session.execute(select(AuditEvent).where(AuditEvent.action == "U")).scalars().all()
+        )
     assert len(updates) == 1 and original.SOPInstanceUID in (updates[0].detail or "")
     assert not node.spool.absolute(first_path).exists()
     stored = dcmread(node.spool.absolute(instance.path))
