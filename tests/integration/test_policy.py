@@ -124,7 +124,12 @@ def test_allow_list_accepts_listed_and_rejects_unlisted_calling_ae(
 ) -> None:
     node = start_node(
         database_url,
-        node={"allowed_peers": [{"ae_title": "MODALITY"}, {"ae_title": "ORTHANC", "host": "127.0.0.1"}]},
+        node={
+            "allowed_peers": [
+                {"ae_title": "MODALITY"},
+                {"ae_title": "ORTHANC", "host": "127.0.0.1"},
+            ]
+        },
     )
 
     _echo_ok(node, "MODALITY")
@@ -302,8 +307,10 @@ def test_a_peer_quiet_period_override_applies_to_its_studies(
     assert study(fast[0].StudyInstanceUID).quiet_seconds == 0.5
 
     fast_done = wait_for(
-        lambda: study(fast[0].StudyInstanceUID).status is StudyStatus.COMPLETE
-        and study(fast[0].StudyInstanceUID)
+        lambda: (
+            study(fast[0].StudyInstanceUID).status is StudyStatus.COMPLETE
+            and study(fast[0].StudyInstanceUID)
+        )
     )
     with node.database.reading() as session:
         jobs = list(session.execute(select(Job)).scalars())

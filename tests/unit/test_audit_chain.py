@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections.abc import Iterator
@@ -87,7 +88,7 @@ def test_appended_events_form_an_intact_chain(database: Database) -> None:
     with database.reading() as session:
         events = list(session.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars())
     assert events[0].prev_hash == GENESIS_HASH
-    for before, after in zip(events, events[1:], strict=False):
+    for before, after in itertools.pairwise(events):
         assert after.prev_hash == before.row_hash
     assert all(row_digest(event) == event.row_hash for event in events)
 

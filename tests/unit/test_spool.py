@@ -43,7 +43,7 @@ def test_a_spool_that_cannot_be_created_is_a_receive_error(tmp_path: Path) -> No
     blocker = tmp_path / "file"
     blocker.write_bytes(b"not a directory")
 
-    with pytest.raises(ReceiveError, match="storage.spool_dir"):
+    with pytest.raises(ReceiveError, match=r"storage\.spool_dir"):
         Spool(blocker / "spool", min_free_bytes=0)
 
 
@@ -115,7 +115,7 @@ def test_check_space_raises_storage_full_below_the_minimum(tmp_path: Path) -> No
     assert free > 0
 
     probe.check_space(0)
-    with pytest.raises(StorageFullError, match="storage.min_free_mb") as caught:
+    with pytest.raises(StorageFullError, match=r"storage\.min_free_mb") as caught:
         probe.check_space(free + 2**20)
     assert str(probe.root) in str(caught.value)
 

@@ -71,7 +71,7 @@ def test_trailing_padding_is_removed(padded: str) -> None:
         ("-1.2", "not a UID"),
         ("+1.2", "not a UID"),
         ("1,2,3", "not a UID"),
-        ("١.٢", "not a UID"),  # Arabic-Indic digits: digits to str.isdigit, not to DICOM
+        ("\u0661.\u0662", "not a UID"),  # Arabic-Indic digits: str.isdigit, not DICOM
     ],
 )
 def test_bad_uids_are_refused(value: object, why: str) -> None:

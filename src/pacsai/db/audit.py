@@ -169,12 +169,19 @@ class ChainReport:
 
 def verify_chain(*, session: Session, batch_size: int = 5000) -> ChainReport:
     """Walk the whole chain in id order and report the first row that breaks it."""
+    result = session.execute(
+        select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=batch_size)
+    )
+    try:
+        return _walk(result.scalars())
+    finally:
+        result.close()  # a server-side cursor on PostgreSQL: release it even on an early return
+
+
+def _walk(rows: Any) -> ChainReport:
     expected_prev = GENESIS_HASH
     previous_id: int | None = None
     checked = 0
-    rows = session.execute(
-        select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=batch_size)
-    ).scalars()
     for event in rows:
         if event.prev_hash != expected_prev:
             return ChainReport(

@@ -317,7 +317,9 @@ class Receiver:
         state = AssociationState(
             id=str(uuid.uuid4()),
             calling_ae_title=calling,
-            called_ae_title=str(assoc.acceptor.ae_title).strip(),
+            called_ae_title=str(
+                getattr(requestor.primitive, "called_ae_title", None) or assoc.acceptor.ae_title
+            ).strip(),
             remote_host=str(requestor.address),
             remote_port=int(requestor.port),
             tls=self.settings_node.tls.enabled,

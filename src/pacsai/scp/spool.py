@@ -71,8 +71,8 @@ class Spool:
         free = self.free_bytes()
         if free - incoming_bytes < self.min_free_bytes:
             raise StorageFullError(
-                f"spool {self.root} has {free // 2**20} MiB free; storage.min_free_mb asks for "
-                f"{self.min_free_bytes // 2**20} MiB to remain"
+                f"spool below storage.min_free_mb: {free // 2**20} MiB free in {self.root}, "
+                f"{self.min_free_bytes // 2**20} MiB must remain"
             )
 
     def write(self, relative: str, chunks: tuple[bytes, ...]) -> int:

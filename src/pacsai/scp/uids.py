@@ -29,7 +29,7 @@ def validate_uid(value: object, what: str) -> str:
         raise InvalidInstanceError(f"{what} is empty")
     if len(uid) > 64:
         raise InvalidInstanceError(f"{what} is {len(uid)} characters long; at most 64 are allowed")
-    if not _UID.match(uid):
+    if not _UID.fullmatch(uid):
         raise InvalidInstanceError(
             f"{what} {uid[:70]!r} is not a UID (digits and dots, no leading zeros)"
         )
