@@ -23,7 +23,7 @@ from pacsai.db.repository import (
     open_association,
     record_instance,
 )
-from pacsai.errors import PacsaiError
+from pacsai.errors import InvalidInstanceError, PacsaiError
 from pacsai.scp._header import read_header
 from pacsai.scp.spool import Spool
 from pacsai.scp.uids import validate_uid
@@ -113,16 +113,23 @@ class InstanceStore:
             body_part_examined=header.body_part_examined,
             instance_number=header.instance_number,
         )
-        with self.database.transaction() as session:
-            result = record_instance(
-                session=session,
-                item=item,
-                association_id=state.id,
-                calling_ae_title=state.calling_ae_title,
-                remote_address=state.remote_address,
-                quiet_seconds=state.quiet_seconds,
-                now=utcnow(),
-            )
+        try:
+            with self.database.transaction() as session:
+                result = record_instance(
+                    session=session,
+                    item=item,
+                    association_id=state.id,
+                    calling_ae_title=state.calling_ae_title,
+                    remote_address=state.remote_address,
+                    quiet_seconds=state.quiet_seconds,
+                    now=utcnow(),
+                )
+        except InvalidInstanceError:
+            # Refused on what the database knows (a series of another study): nothing refers to
+            # the file just written. After a database error the file stays: an identical
+            # instance committed meanwhile may refer to it, and a resend rewrites it anyway.
+            self.spool.remove(relative)
+            raise
         if result.old_path is not None and result.old_path != relative:
             self.spool.remove(result.old_path)
         state.stored += 1
