@@ -95,8 +95,12 @@ def push(port: int, paths: list[Path], associations: int) -> float:
 def start_pacsai(workdir: Path, processes: int) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = {
-        "node": {"port": port, "host": "127.0.0.1", "receiver_processes": processes,
-                 "study_quiet_seconds": 3600},
+        "node": {
+            "port": port,
+            "host": "127.0.0.1",
+            "receiver_processes": processes,
+            "study_quiet_seconds": 3600,
+        },
         "storage": {"spool_dir": str(workdir / "spool"), "min_free_mb": 0},
         "database": {"url": f"sqlite:///{workdir / 'pacsai.db'}"},
         "logging": {"level": "WARNING"},
@@ -105,7 +109,9 @@ def start_pacsai(workdir: Path, processes: int) -> tuple[subprocess.Popen[bytes]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "pacsai.cli", "serve", "--config", str(workdir / "pacsai.yaml")],
-        cwd=workdir, env=env, stderr=(workdir / "serve.log").open("wb"),
+        cwd=workdir,
+        env=env,
+        stderr=(workdir / "serve.log").open("wb"),
     )
     wait_listening(port, process)
     return process, port
@@ -150,8 +156,12 @@ def measure(name: str, starter, paths: list[Path], associations: int, repeat: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
-                        help="pacsai node.receiver_processes (default: one per core)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="pacsai node.receiver_processes (default: one per core)",
+    )
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if not shutil.which("storescu") or not shutil.which("storescp"):
@@ -160,12 +170,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as data:
         paths = generate(args.count, Path(data))
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-        print(f"{args.count} CT slices of {size:.0f} KiB, {os.cpu_count()} cores, "
-              f"pacsai receiver_processes={args.processes}, best of {args.repeat}")
+        print(
+            f"{args.count} CT slices of {size:.0f} KiB, {os.cpu_count()} cores, "
+            f"pacsai receiver_processes={args.processes}, best of {args.repeat}"
+        )
         print(f"{'associations':>12} {'pacsai img/s':>13} {'storescp img/s':>15} {'ratio':>7}")
         for associations in (1, 4):
-            ours = measure("pacsai", lambda d: start_pacsai(d, args.processes), paths,
-                           associations, args.repeat)
+            ours = measure(
+                "pacsai",
+                lambda d: start_pacsai(d, args.processes),
+                paths,
+                associations,
+                args.repeat,
+            )
             theirs = measure("storescp", start_storescp, paths, associations, args.repeat)
             print(f"{associations:>12} {ours:>13.1f} {theirs:>15.1f} {ours / theirs:>6.2f}x")
 
