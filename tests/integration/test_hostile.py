@@ -479,6 +479,7 @@ def test_malformed_and_hostile_files_are_refused_or_stored_intact(
     assert _stored_problem(database, spool, bystander) is None, table
     assert server.alive()
     _assert_spool_layout(spool)
+    assert _unrecorded_spool_files(spool, database) == []
     _send_clean_series(server, database, tmp_path / "clean")
 
 
@@ -684,6 +685,7 @@ def test_seeded_mutations_are_refused_or_stored_intact(
     print(summary)
     assert server.alive()
     _assert_spool_layout(spool)
+    assert _unrecorded_spool_files(spool, database) == [], summary
     _send_clean_series(server, database, tmp_path / "clean")
 
 
