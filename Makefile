@@ -22,8 +22,8 @@ test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench models
+	$(BIN)/ruff format --check src tests bench models
 	$(BIN)/mypy
 
 bench: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.exc import OperationalError
 
 from pacsai.config import Settings
+from pacsai.db import Delivery
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -82,8 +84,17 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **sections: A
             "study_quiet_seconds": 1.0,
             "shutdown_grace_seconds": 5,
         },
-        "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 0},
+        "storage": {
+            "spool_dir": str(tmp_path / "spool"),
+            "results_dir": str(tmp_path / "results"),
+            "min_free_mb": 0,
+        },
         "database": {"url": database_url or f"sqlite:///{tmp_path / 'pacsai.db'}"},
+        # No job workers and no models unless a test asks: receive tests see QUEUED jobs.
+        "queue": {"local_workers": 0},
+        "inference": {"models_dir": str(tmp_path / "models"), "device": "cpu"},
+        # No HTTP API unless a test asks (api={"enabled": True, "port": 0}): 8080 may be taken.
+        "api": {"enabled": False},
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -209,3 +220,274 @@ def write_datasets(datasets: list[Dataset], directory: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_dx_image(
+    *,
+    rows: int = 24,
+    columns: int = 32,
+    photometric: str = "MONOCHROME1",
+    bits_stored: int = 12,
+    pixel_spacing: tuple[float, float] | None = (0.15, 0.2),
+    seed: int = 0,
+) -> Dataset:
+    """A small Digital X-Ray (for presentation) instance, unsigned pixels, no Image Plane Module."""
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
+
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "DX"
+    ds.PatientID = "PACSAI-TEST-001"
+    ds.PatientName = "Test^Patient"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    if pixel_spacing is not None:
+        ds.ImagerPixelSpacing = list(pixel_spacing)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    pixels = rng.integers(0, 2**bits_stored, size=(rows, columns), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def make_enhanced_ct(
+    frames: int = 4,
+    *,
+    rows: int = 16,
+    columns: int = 16,
+    step: float = 2.0,
+    seed: int = 0,
+) -> Dataset:
+    """A small Enhanced CT Image instance: one stack along +z, geometry in functional groups.
+
+    Frame ``f`` (0-based) lies at z = ``f * step``; orientation, pixel spacing (0.5 x 0.6 mm) and
+    rescale (slope 1, intercept -1024) are shared. Tests edit the groups to make other cases.
+    """
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage
+
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientID = "PACSAI-TEST-001"
+    ds.PatientName = "Test^Patient"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    measures = Dataset()
+    measures.PixelSpacing = [0.5, 0.6]
+    measures.SliceThickness = step
+    transformation = Dataset()
+    transformation.RescaleSlope = 1
+    transformation.RescaleIntercept = -1024
+    transformation.RescaleType = "HU"
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PixelValueTransformationSequence = Sequence([transformation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    per_frame = []
+    for index in range(frames):
+        position = Dataset()
+        position.ImagePositionPatient = [-4.0, -4.8, index * step]
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = index + 1
+        content.DimensionIndexValues = [1, index + 1]
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([position])
+        item.FrameContentSequence = Sequence([content])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    pixels = rng.integers(0, 3000, size=(frames, rows, columns), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def start_storescp(out: Path, port: int, *, ae_title: str = "DCMTK") -> subprocess.Popen[bytes]:
+    """DCMTK storescp (a real, independent storage SCP) writing to ``out`` on ``port``."""
+    binary = require_tool("storescp")
+    out.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [binary, "-aet", ae_title, "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening)
+    return process
+
+
+class SeededStudy:
+    """What :func:`seed_study` put in the database."""
+
+    def __init__(self, study_instance_uid: str, patient_id: str, accession: str) -> None:
+        self.study_instance_uid = study_instance_uid
+        self.patient_id = patient_id
+        self.accession = accession
+        self.job_id: int | None = None
+        self.result_ids: list[int] = []
+        self.seg_series_uid: str | None = None
+        self.sr_series_uid: str | None = None
+
+
+def seed_study(
+    database: Any,
+    *,
+    modality: str = "CT",
+    patient_id: str = "PAT-001",
+    accession: str = "ACC001",
+    received_at: Any = None,
+    instances: int = 2,
+    job: Any = None,
+    timings: dict[str, float] | None = None,
+    summaries: list[tuple[str, str, dict[str, Any]]] | None = None,
+    outputs: tuple[str, ...] = ("SEG", "SR"),
+    delivery: Any = None,
+) -> SeededStudy:
+    """A received study (through the repository functions), optionally with a finished job.
+
+    ``job`` is a :class:`pacsai.db.JobStatus` (``None``: the study is still receiving);
+    ``summaries`` holds (route, model, result summary) per result of a SUCCEEDED job, each
+    with the SEG/SR objects of ``outputs`` and, if ``delivery`` is a status, one delivery.
+    """
+    from datetime import timedelta
+
+    from pacsai.db import Job, JobStatus, ResultKind, Study, StudyStatus, utcnow
+    from pacsai.db.deliveries import add_objects, queue_deliveries
+    from pacsai.db.jobs import add_result
+    from pacsai.db.repository import ReceivedInstance, record_instance
+
+    received = received_at or utcnow()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    seeded = SeededStudy(study_uid, patient_id, accession)
+    with database.transaction() as session:
+        for index in range(instances):
+            record_instance(
+                session=session,
+                item=ReceivedInstance(
+                    sop_class_uid=CTImageStorage,
+                    sop_instance_uid=generate_uid(),
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series_uid,
+                    transfer_syntax_uid=ExplicitVRLittleEndian,
+                    path=f"{study_uid}/{index}.dcm",
+                    size_bytes=1000,
+                    sha256=f"{index:064d}",
+                    modality=modality,
+                    patient_id=patient_id,
+                    patient_name="Seeded^Patient",
+                    accession_number=accession,
+                ),
+                association_id=None,
+                calling_ae_title="SEEDER",
+                remote_address="127.0.0.1",
+                quiet_seconds=10.0,
+                now=received,
+            )
+        if job is None:
+            return seeded
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        study.status = StudyStatus.COMPLETE
+        study.completed_at = received + timedelta(seconds=10)
+        finished = job not in (JobStatus.QUEUED, JobStatus.RUNNING)
+        row = Job(
+            study_id=study.id,
+            status=job,
+            instance_count=instances,
+            attempts=1 if job != JobStatus.QUEUED else 0,
+            created_at=received + timedelta(seconds=10),
+            started_at=received + timedelta(seconds=11) if job != JobStatus.QUEUED else None,
+            finished_at=received + timedelta(seconds=20) if finished else None,
+            timings=json.dumps(timings) if timings is not None else None,
+            reason="seeded failure" if job == JobStatus.FAILED else None,
+        )
+        session.add(row)
+        session.flush()
+        seeded.job_id = row.id
+        seeded.seg_series_uid, seeded.sr_series_uid = generate_uid(), generate_uid()
+        for index, (route, model, summary) in enumerate(summaries or []):
+            result = add_result(
+                session=session,
+                job_id=row.id,
+                route_name=route,
+                series_instance_uid=series_uid,
+                kind=(
+                    ResultKind.CLASSIFICATION
+                    if "probabilities" in summary
+                    else ResultKind.SEGMENTATION
+                ),
+                model_name=model,
+                model_version="0.1.0",
+                weights_sha256="0" * 64,
+                output_path=f"job-{row.id}/{index}.npz",
+                summary=summary,
+                now=received + timedelta(seconds=19),
+            )
+            seeded.result_ids.append(result.id)
+            series = {"SEG": seeded.seg_series_uid, "SR": seeded.sr_series_uid}
+            add_objects(
+                session=session,
+                result_id=result.id,
+                objects=[
+                    (kind, "1.2.840.10008.5.1.4.1.1.66.4", generate_uid(), series[kind], "x.dcm")
+                    for kind in outputs
+                ],
+                now=received + timedelta(seconds=19),
+            )
+            if delivery is not None:
+                for delivery_id in queue_deliveries(
+                    session=session,
+                    result_id=result.id,
+                    targets=[("pacs", list(outputs))],
+                    now=received + timedelta(seconds=19),
+                ):
+                    session.execute(
+                        update(Delivery).where(Delivery.id == delivery_id).values(status=delivery)
+                    )
+    return seeded

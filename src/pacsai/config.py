@@ -20,16 +20,22 @@ from pacsai.errors import ConfigError
 
 __all__ = [
     "ApiSettings",
+    "AuditSettings",
     "DatabaseSettings",
     "Destination",
+    "DestinationTls",
     "InferenceSettings",
     "LoggingSettings",
     "NodeSettings",
     "Peer",
+    "PriorityRule",
     "QueueSettings",
     "Route",
+    "SeriesRule",
     "Settings",
     "StorageSettings",
+    "StudyRule",
+    "SyslogSettings",
     "TimeoutSettings",
     "TlsSettings",
     "load_settings",
@@ -108,6 +114,7 @@ class StorageSettings(_Section):
     """Where received instances are spooled."""
 
     spool_dir: Path = Path("./var/spool")
+    results_dir: Path = Path("./var/results")
     min_free_mb: int = Field(default=1024, ge=0)
 
 
@@ -130,6 +137,10 @@ class QueueSettings(_Section):
 
     backend: Literal["local", "celery"] = "local"
     broker_url: str | None = None
+    local_workers: int = Field(default=1, ge=0, le=64)  # job threads in `pacsai serve` (local)
+    delivery_workers: int = Field(default=1, ge=1, le=64)  # threads sending results
+    poll_seconds: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)  # a job interrupted this many times is FAILED
 
     @model_validator(mode="after")
     def _broker(self) -> QueueSettings:
@@ -153,34 +164,178 @@ class InferenceSettings(_Section):
         return value
 
 
+OneOrMore = str | list[str]
+
+
+class StudyRule(_Section):
+    """``when:`` of a route: study-level conditions, all of which must hold (empty: any study).
+
+    A value given as a list matches any of its items. ``Modality`` matches when any series of the
+    study has that modality; ``StudyDescription`` and ``InstitutionName`` are regular expressions
+    searched case-insensitively.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    Modality: OneOrMore | None = None
+    BodyPartExamined: OneOrMore | None = None
+    StudyDescription: str | None = None
+    InstitutionName: str | None = None
+    ReferringPhysicianName: str | None = None
+    CallingAETitle: OneOrMore | None = Field(default=None, alias="calling_ae_title")
+
+    @field_validator("StudyDescription", "InstitutionName", "ReferringPhysicianName")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        return _check_regex(value)
+
+
+class SeriesRule(_Section):
+    """``series:`` of a route: which series of a matching study the model runs on.
+
+    ``min_instances``/``max_instances`` count images (a multi-frame instance counts its frames).
+    ``select: largest`` runs on the matching series with most images, ``all`` on each of them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    Modality: OneOrMore | None = None
+    SeriesDescription: str | None = None
+    ImageType: OneOrMore | None = None  # every value listed must be in the series' ImageType
+    SliceThickness: tuple[float, float] | None = None  # [min, max] in mm
+    min_instances: int = Field(default=1, ge=1)
+    max_instances: int | None = Field(default=None, ge=1)
+    orientation: list[Literal["axial", "sagittal", "coronal"]] | None = None
+    select: Literal["largest", "all"] = "largest"
+
+    @field_validator("SeriesDescription")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        return _check_regex(value)
+
+    @field_validator("orientation", mode="before")
+    @classmethod
+    def _one_orientation(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a valid regular expression: {exc}") from exc
+    return value
+
+
+class PriorityRule(_Section):
+    """``priority:`` of a route: when its results flag a study as priority in worklist results.
+
+    The rule holds when the route's model found ``finding`` (a label or class name): a segmented
+    label with at least ``min_volume_ml`` (any volume above zero when not given), or a class with
+    a probability of at least ``min_probability`` (0.5 when not given).
+    """
+
+    finding: str = Field(min_length=1)
+    min_volume_ml: float | None = Field(default=None, ge=0)
+    min_probability: float | None = Field(default=None, ge=0, le=1)
+
+
 class Route(_Section):
     """A routing rule: which studies and series go to which model, and where results go."""
 
     name: str
-    when: dict[str, Any] = Field(default_factory=dict)
-    series: dict[str, Any] = Field(default_factory=dict)
+    when: StudyRule = Field(default_factory=StudyRule)
+    series: SeriesRule = Field(default_factory=SeriesRule)
     model: str
     outputs: list[Literal["seg", "sr", "overlay"]] = Field(
         default_factory=lambda: ["seg", "sr"]  # type: ignore[arg-type]
     )
+    seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     send_to: list[str] = Field(default_factory=list)
+    priority: list[PriorityRule] | None = None  # any rule holding flags the study as priority
+
+
+class DestinationTls(_Section):
+    """DICOM TLS towards a destination (PS3.15 B.1): verify the peer with ``ca``, and present
+    ``cert``/``key`` when the peer asks for a client certificate."""
+
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = False  # DICOM peers are usually known by address, not by name
 
 
 class Destination(_Section):
-    """A DICOM peer that results are sent to."""
+    """Where results are sent: a DICOM peer (C-STORE) or a DICOMweb server (STOW-RS).
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ``back_to_sender: true`` sends to the host the study came from, as its calling AE title,
+    on ``port`` (the sender's own storage SCP port cannot be learnt from the association).
+    """
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    back_to_sender: bool = False
+    stow_url: str | None = None  # e.g. http://pacs:8042/dicom-web (then ae_title/host unused)
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+    overlay: bool = False  # also send the secondary-capture overlay series
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_seconds: float = Field(default=5.0, gt=0)  # first retry; doubles each time
+    max_backoff_seconds: float = Field(default=600.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Destination:
+        if self.stow_url is not None:
+            if not self.stow_url.startswith(("http://", "https://")):
+                raise ValueError("stow_url must be an http:// or https:// URL")
+            return self
+        if self.port is None:
+            raise ValueError("a DICOM destination needs port (or stow_url for DICOMweb)")
+        if not self.back_to_sender and (self.host is None or self.ae_title is None):
+            raise ValueError("a DICOM destination needs ae_title and host (or back_to_sender)")
+        return self
 
 
 class ApiSettings(_Section):
-    """The HTTP API."""
+    """The HTTP API (FastAPI), started by `pacsai serve` or alone by `pacsai api`."""
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    open_health: bool = True  # /healthz and /readyz without a token
+    open_metrics: bool = False  # /metrics without a token
+    page_size: int = Field(default=50, ge=1, le=1000)  # default page size; `limit` may ask more
+
+
+class SyslogSettings(_Section):
+    """Forwarding each audit event to an audit repository (RFC 5424 over TLS, RFC 5425)."""
+
+    enabled: bool = False
+    host: str | None = None
+    port: int = Field(default=6514, ge=1, le=65535)
+    tls: bool = True
+    ca: Path | None = None
+    app_name: str = "pacsai"
+
+    @model_validator(mode="after")
+    def _host(self) -> SyslogSettings:
+        if self.enabled and not self.host:
+            raise ValueError("audit.syslog.enabled needs audit.syslog.host")
+        return self
+
+
+class AuditSettings(_Section):
+    """The audit trail's optional forwarding."""
+
+    syslog: SyslogSettings = Field(default_factory=SyslogSettings)
 
 
 class LoggingSettings(_Section):
@@ -208,6 +363,7 @@ class Settings(BaseSettings):
     routes: list[Route] | None = None
     destinations: dict[str, Destination] = Field(default_factory=dict)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

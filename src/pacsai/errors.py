@@ -8,9 +8,11 @@ wrong and what to do.
 from __future__ import annotations
 
 __all__ = [
+    "BundleError",
     "ConfigError",
     "DatabaseError",
     "DeliveryError",
+    "InferenceError",
     "InvalidInstanceError",
     "ModelError",
     "PacsaiError",
@@ -18,6 +20,7 @@ __all__ = [
     "ReportError",
     "StorageFullError",
     "UnreadableInstanceError",
+    "UnusableSeriesError",
 ]
 
 
@@ -50,8 +53,27 @@ class UnreadableInstanceError(ReceiveError):
     """An instance's bytes cannot be parsed as a DICOM data set (DIMSE status C000)."""
 
 
-class ModelError(PacsaiError):
+class InferenceError(PacsaiError):
+    """A study could not be turned into model outputs."""
+
+
+class ModelError(InferenceError):
     """A model bundle could not be loaded or run."""
+
+
+class BundleError(ModelError):
+    """A bundle directory lacks a file or key that pacsai needs; ``missing`` lists them all."""
+
+    def __init__(self, bundle: str, missing: list[str]) -> None:
+        self.bundle = bundle
+        self.missing = list(missing)
+        super().__init__(f"bundle {bundle!r} is missing: {'; '.join(self.missing)}")
+
+
+class UnusableSeriesError(InferenceError):
+    """A series cannot become a volume without guessing (missing slices, irregular spacing,
+    mixed orientations, several temporal positions, gantry tilt...). The message is the reason
+    stored on the job."""
 
 
 class ReportError(PacsaiError):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -17,7 +21,7 @@ from pynetdicom.status import code_to_category
 
 from pacsai.errors import ConfigError, DeliveryError
 
-__all__ = ["PushSummary", "Target", "echo", "iter_files", "push"]
+__all__ = ["NoAcceptedContextError", "PushSummary", "Target", "echo", "iter_files", "push"]
 
 _TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
@@ -65,9 +69,7 @@ def echo(target: Target, *, calling_ae_title: str = "PACSAI", timeout: float = 3
     """
     ae = _ae(calling_ae_title, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"could not associate with {target}: {_why(assoc)}")
+    assoc = _associate(ae, target, None, timeout)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -75,6 +77,58 @@ def echo(target: Target, *, calling_ae_title: str = "PACSAI", timeout: float = 3
     if "Status" not in status:
         raise DeliveryError(f"{target} sent no C-ECHO response")
     return int(status.Status)
+
+
+class NoAcceptedContextError(DeliveryError):
+    """The peer accepted none of the presentation contexts asked for (it does not take the
+    SOP class or transfer syntax): sending again cannot help."""
+
+
+def _check_reachable(target: Target, timeout: float) -> None:
+    """Connect once ourselves, so that a peer that is down gives a clear error (and pynetdicom,
+    which leaks the socket of a refused connection, is not involved)."""
+    try:
+        with socket.create_connection((target.host, target.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise DeliveryError(
+            f"could not connect to {target}: {exc.strerror or exc}: is the peer running, and are "
+            "its host and port right?"
+        ) from exc
+
+
+def _associate(ae: AE, target: Target, tls: ssl.SSLContext | None, timeout: float) -> Any:
+    _check_reachable(target, timeout)
+    assoc = ae.associate(
+        target.host,
+        target.port,
+        ae_title=target.ae_title,
+        tls_args=(tls, target.host) if tls is not None else None,
+    )
+    if not assoc.is_established:
+        if not assoc.is_rejected and assoc.rejected_contexts and not assoc.accepted_contexts:
+            refused = sorted(
+                {c.abstract_syntax.name for c in assoc.rejected_contexts if c.abstract_syntax}
+            )
+            raise NoAcceptedContextError(
+                f"{target} accepted no presentation context for {', '.join(refused)}"
+            )
+        raise DeliveryError(f"could not associate with {target}: {_why(assoc)}")
+    _no_delay(assoc)
+    return assoc
+
+
+def _no_delay(assoc: Any) -> None:
+    """Disable Nagle's algorithm on the association's socket.
+
+    pynetdicom leaves it on, and with a peer's delayed ACKs every C-STORE then stalls ~40 ms
+    (measured: 49 ms per object against 5 ms). The socket is reached through pynetdicom's
+    internals, so a change there only costs the speed-up, never the association.
+    """
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if isinstance(raw, socket.socket):
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _why(assoc: object) -> str:
@@ -155,6 +209,7 @@ def push(
     calling_ae_title: str = "PACSAI",
     timeout: float = 60.0,
     on_file: Callable[[Path, str], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> PushSummary:
     """C-STORE every DICOM file under `paths` to `target`, each as it is on disk.
 
@@ -181,9 +236,7 @@ def push(
         ae = _ae(calling_ae_title, timeout)
         for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-        if not assoc.is_established:
-            raise DeliveryError(f"could not associate with {target}: {_why(assoc)}")
+        assoc = _associate(ae, target, tls, timeout)
         try:
             for item in batch:
                 outcome, detail, ok = _send(assoc, item)

@@ -1,4 +1,5 @@
-"""The node: database, spool, receiver and study assembly, started and stopped together."""
+"""The node: database, spool, receiver, study assembly, workers and the HTTP API, started and
+stopped together."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import os
 import signal
 import threading
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
 
 from pacsai import __version__
+from pacsai.audit_syslog import SyslogForwarder, start_forwarding
 from pacsai.config import Settings
 from pacsai.db import (
     AuditAction,
@@ -28,8 +30,13 @@ from pacsai.db import (
     utcnow,
 )
 from pacsai.db.repository import interrupt_open_associations
-from pacsai.errors import ConfigError
+from pacsai.errors import ConfigError, PacsaiError
 from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
+
+if TYPE_CHECKING:
+    from pacsai.api import ApiServer
+    from pacsai.inference import ModelRegistry
+    from pacsai.jobs import DeliveryWorkers, LocalWorkers
 
 __all__ = ["Node", "configure_libraries", "prepare_database", "run_receiver_process"]
 
@@ -76,10 +83,46 @@ class Node:
             max_associations=_share(settings.node.max_associations, processes),
         )
         self._children: list[BaseProcess] = []
+        self.deliveries: DeliveryWorkers | None = None
+        self.registry: ModelRegistry | None = None
+        self.api: ApiServer | None = None
+        self.workers = self._local_workers(settings)
         self.completion = StudyCompletionMonitor(
-            self.database, interval=min(1.0, settings.node.study_quiet_seconds / 4)
+            self.database,
+            interval=min(1.0, settings.node.study_quiet_seconds / 4),
+            on_queued=self.workers.notify if self.workers else None,
         )
         self._stopped = threading.Event()
+        self.audit_forwarder: SyslogForwarder | None = None
+
+    def _local_workers(self, settings: Settings) -> LocalWorkers | None:
+        """Job threads of the local queue backend (none with ``queue.local_workers: 0``)."""
+        if settings.queue.backend != "local" or settings.queue.local_workers == 0:
+            return None
+        from pacsai.inference import ModelRegistry
+        from pacsai.jobs import DeliveryWorkers, JobRunner, LocalWorkers
+
+        inference = settings.inference
+        registry = ModelRegistry(inference.models_dir, device=inference.device, amp=inference.amp)
+        self.registry = registry
+        for entry in registry.entries.values():
+            if entry.bundle is not None:
+                log.info("model %s %s ready", entry.name, entry.bundle.display_version)
+        runner = JobRunner(settings, self.database, registry)
+        self.deliveries = DeliveryWorkers(
+            settings,
+            self.database,
+            count=settings.queue.delivery_workers,
+            poll_seconds=settings.queue.poll_seconds,
+        )
+        runner.on_delivery_queued = self.deliveries.notify
+        return LocalWorkers(
+            runner,
+            self.database,
+            count=settings.queue.local_workers,
+            poll_seconds=settings.queue.poll_seconds,
+            max_attempts=settings.queue.max_attempts,
+        )
 
     def _audit_activity(self, event_type: AuditEventType) -> None:
         with self.database.transaction() as session:
@@ -105,11 +148,23 @@ class Node:
                 leftovers,
                 interrupted,
             )
+        self.audit_forwarder = start_forwarding(self.settings, self.database.engine)
         self._audit_activity(AuditEventType.APPLICATION_START)
         self.receiver.start()
         self._start_children()
+        if self.workers is not None:
+            self.workers.recover()
+            self.workers.start()
+        if self.deliveries is not None:
+            self.deliveries.start()
         self.completion.run_once()  # studies that went quiet while the node was down
         self.completion.start()
+        if self.settings.api.enabled:
+            try:
+                self._start_api()
+            except PacsaiError:
+                self.stop()
+                raise
         node = self.settings.node
         log.info(
             "pacsai %s listening as AE %s on %s:%d%s; database %s; spool %s",
@@ -122,11 +177,47 @@ class Node:
             self.spool.root,
         )
 
+    @property
+    def api_port(self) -> int | None:
+        """The port the HTTP API listens on (``None`` when it is not enabled)."""
+        return self.api.port if self.api is not None else None
+
+    def _start_api(self) -> None:
+        """Serve the HTTP API from a thread of this process (``api.enabled``)."""
+        from pacsai.api import ApiServer, create_app
+
+        app = create_app(
+            self.settings,
+            self.database,
+            registry=self.registry,
+            queue_probe=self._workers_alive if self.workers is not None else None,
+            on_retry=self._wake_workers,
+        )
+        server = ApiServer(app, host=self.settings.api.host, port=self.settings.api.port)
+        server.start()
+        self.api = server
+
+    def _workers_alive(self) -> tuple[int, int]:
+        """(alive, expected) local job worker threads, for the API's readiness check."""
+        assert self.workers is not None
+        threads = self.workers._threads  # LocalWorkers has no public view of its threads yet
+        return sum(thread.is_alive() for thread in threads), self.workers.count
+
+    def _wake_workers(self) -> None:
+        """A retry through the API queued a job or deliveries: run them now, not at the next
+        poll."""
+        if self.workers is not None:
+            self.workers.notify()
+        if self.deliveries is not None:
+            self.deliveries.notify()
+
     def stop(self) -> None:
         """Finish in-flight instances, stop, and record the stop."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.api is not None:
+            self.api.stop()
         log.info("stopping: no new associations; waiting for open ones to finish")
         for child in self._children:
             if child.pid is not None and child.is_alive():
@@ -135,7 +226,13 @@ class Node:
         for child in self._children:
             child.join(self.settings.node.shutdown_grace_seconds + 10)
         self.completion.stop()
+        if self.workers is not None:
+            self.workers.stop()
+        if self.deliveries is not None:
+            self.deliveries.stop()
         self._audit_activity(AuditEventType.APPLICATION_STOP)
+        if self.audit_forwarder is not None:
+            self.audit_forwarder.stop()
         self.database.dispose()
         log.info("stopped")
 

@@ -107,7 +107,7 @@ def test_push_reports_refusals_per_status(
 def test_echo_to_nothing_listening_says_what_to_check() -> None:
     result = pacsai("echo", f"PACSAI@127.0.0.1:{free_port()}", "--timeout", "3")
     assert result.returncode == 1
-    assert "could not associate" in result.stderr
+    assert "could not connect" in result.stderr
 
 
 def test_bad_target_is_explained() -> None:

@@ -433,3 +433,52 @@ def test_dcmtk_echoscu_over_tls(
     assert plain.returncode != 0
     assert len(wait_for(lambda: len(_tls_failures(node)) >= 2 and _tls_failures(node))) == 2
     assert len(_associations(node)) == 1
+
+
+@pytest.mark.slow
+def test_results_are_delivered_over_dicom_tls_with_a_client_certificate(
+    start_node: Callable[..., Node], pki: Pki, tmp_path: Path
+) -> None:
+    """A node sends its SR to another node that only takes TLS with a trusted client cert."""
+    from pacsai.db import Delivery, DeliveryStatus
+    from pacsai.phantom import write_phantom
+    from pacsai.scu import Target, push
+    from tests.support import REPO
+
+    receiver = _tls_node(start_node, pki)
+    sender_dir = tmp_path / "sender"
+    sender_dir.mkdir()
+    sender = start_node(
+        f"sqlite:///{sender_dir / 'pacsai.db'}",
+        storage={"spool_dir": str(sender_dir / "spool"), "results_dir": str(sender_dir / "out")},
+        queue={"local_workers": 1, "poll_seconds": 0.2},
+        inference={"models_dir": str(REPO / "models"), "device": "cpu"},
+        destinations={
+            "secure": {
+                "ae_title": "PACSAI",
+                "host": "127.0.0.1",
+                "port": receiver.receiver.port,
+                "tls": {
+                    "enabled": True,
+                    "ca": str(pki.ca),
+                    "cert": str(pki.client.cert),
+                    "key": str(pki.client.key),
+                },
+            }
+        },
+    )
+    study = write_phantom("cr", tmp_path / "cr", seed=31)
+    assert push(study.paths, Target("PACSAI", "127.0.0.1", sender.receiver.port)).failed == 0
+
+    def delivered() -> Delivery | None:
+        with sender.database.reading() as session:
+            return session.scalars(
+                select(Delivery).where(Delivery.status == DeliveryStatus.SENT)
+            ).first()
+
+    wait_for(delivered, timeout=120)
+    with receiver.database.reading() as session:
+        stored = session.scalars(select(Instance)).all()
+        associations = session.scalars(select(Association)).all()
+        assert [i.sop_class_uid for i in stored] == ["1.2.840.10008.5.1.4.1.1.88.34"]
+        assert all(a.tls for a in associations)

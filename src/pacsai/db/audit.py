@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from pacsai.db import audit_hooks
 from pacsai.db.models import AuditEvent, utcnow
 
 __all__ = [
@@ -41,6 +42,7 @@ class AuditEventId(enum.StrEnum):
 
     APPLICATION_ACTIVITY = "110100"
     AUDIT_LOG_USED = "110101"
+    INSTANCES_ACCESSED = "110103"
     INSTANCES_TRANSFERRED = "110104"
     EXPORT = "110106"
     IMPORT = "110107"
@@ -128,6 +130,7 @@ def append_event(
 
     The row is linked to the chain when the transaction commits; if it rolls back, nothing was
     appended. ``detail`` must be JSON-serialisable and never hold patient names or birth dates.
+    After the commit the row is handed to the listeners of :mod:`pacsai.db.audit_hooks`.
     """
     _lock_chain(session)
     previous = session.execute(
@@ -151,6 +154,7 @@ def append_event(
     event.row_hash = row_digest(event)
     session.add(event)
     session.flush()
+    audit_hooks.note_appended(session, event)
     return event
 
 

@@ -23,20 +23,28 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "ApiToken",
     "Association",
     "AssociationOutcome",
     "AuditEvent",
     "Base",
+    "Delivery",
+    "DeliveryStatus",
     "Instance",
     "Job",
     "JobStatus",
+    "Result",
+    "ResultKind",
+    "ResultObject",
     "Series",
     "Study",
     "StudyStatus",
+    "TokenRole",
     "UTCDateTime",
     "utcnow",
 ]
@@ -95,6 +103,22 @@ class JobStatus(enum.StrEnum):
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+
+
+class ResultKind(enum.StrEnum):
+    """What a model produced for one series."""
+
+    SEGMENTATION = "SEGMENTATION"
+    CLASSIFICATION = "CLASSIFICATION"
+
+
+class DeliveryStatus(enum.StrEnum):
+    """The states of a delivery (DESIGN.md, State and durability)."""
+
+    PENDING = "PENDING"
+    SENT = "SENT"
+    RETRYING = "RETRYING"
     FAILED = "FAILED"
 
 
@@ -212,8 +236,88 @@ class Job(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    timings: Mapped[str | None] = mapped_column(Text)  # JSON: seconds per stage
+    # Set by `pacsai jobs retry`: send results again to destinations that already have them,
+    # and/or derive new UIDs for the objects (a salt mixed into result_uid).
+    resend: Mapped[bool] = mapped_column(Boolean, default=False)
+    uid_salt: Mapped[str | None] = mapped_column(String(64))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
+    results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
+
+
+class Result(Base):
+    """One model output on one series of a job's study: a label map or class probabilities.
+
+    The output itself is a compressed NumPy file under ``storage.results_dir`` (``output_path``,
+    relative to it) holding the label map or probabilities, the affine and the source instances;
+    ``summary`` is what people and worklists read: labels present with volumes, or probabilities.
+    """
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    route_name: Mapped[str] = mapped_column(String(128))
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind, "result_kind"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    output_path: Mapped[str] = mapped_column(String(400))
+    summary: Mapped[str] = mapped_column(Text)  # JSON object
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="results")
+    objects: Mapped[list[ResultObject]] = relationship(
+        back_populates="result", order_by="ResultObject.id"
+    )
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="result", order_by="Delivery.id"
+    )
+
+
+class ResultObject(Base):
+    """A DICOM object written for a result (SEG, SR, overlay image), kept under results_dir."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # SEG | SR | OVERLAY
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(400))  # relative to storage.results_dir
+    created_at: Mapped[datetime]
+
+    result: Mapped[Result] = relationship(back_populates="objects")
+
+
+class Delivery(Base):
+    """One result sent to one destination: durable, retried with backoff, then FAILED.
+
+    A worker holds a delivery while sending it by setting ``claimed_until`` (a lease), so that
+    several workers never send it twice and a crashed worker's claim runs out.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kinds: Mapped[str] = mapped_column(String(64))  # object kinds to send, e.g. "SEG,SR"
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_status"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    claimed_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float | None] = mapped_column(Float)  # of the successful attempt
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")
 
 
 class AuditEvent(Base):
@@ -229,6 +333,11 @@ class AuditEvent(Base):
         Index("ix_audit_events_study_instance_uid", "study_instance_uid"),
         Index("ix_audit_events_patient_id", "patient_id"),
         Index("ix_audit_events_event_id_occurred_at", "event_id", "occurred_at"),
+        # `GET /audit?actor=|outcome=|event_id=`, newest first: (value, id) serves both the
+        # filter and the order (migration 0005).
+        Index("ix_audit_events_actor_id", "actor", "id"),
+        Index("ix_audit_events_outcome_id", "outcome", "id"),
+        Index("ix_audit_events_event_id_id", "event_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -246,3 +355,38 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)  # JSON object
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class TokenRole(enum.StrEnum):
+    """What an API token may do; each role can do everything the roles before it can."""
+
+    VIEWER = "viewer"  # studies, jobs, worklist results
+    AUDITOR = "auditor"  # also the audit trail
+    ADMIN = "admin"  # also retries, token listing and (when protected) metrics
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API: only the SHA-256 of its secret is stored.
+
+    A revoked token keeps its row (``revoked_at``) so that the audit trail's ``api:<name>``
+    actors stay explained; at most one unrevoked token holds a name.
+    """
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        Index(
+            "uq_api_tokens_active_name",
+            "name",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[TokenRole] = mapped_column(_enum(TokenRole, "token_role"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex of the secret
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from pacsai.db import Database, Job, utcnow
 from pacsai.db.repository import complete_quiet_studies
@@ -25,9 +26,16 @@ class StudyCompletionMonitor:
     study completes once.
     """
 
-    def __init__(self, database: Database, *, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        interval: float = 1.0,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.database = database
         self.interval = interval
+        self.on_queued = on_queued
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,6 +50,8 @@ class StudyCompletionMonitor:
                 job.instance_count,
                 extra={"action": "job_queued", "job_id": job.id, "study_id": job.study_id},
             )
+        if jobs and self.on_queued is not None:
+            self.on_queued()
         return jobs
 
     def _loop(self) -> None:

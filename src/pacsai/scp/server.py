@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -151,7 +152,26 @@ class _RequestHandler(RequestHandler):
                 connection.close()
                 return
             connection.settimeout(previous)
+        elif not self._peer_speaks(connection, receiver.settings_node.timeouts.acse):
+            # A bare connect (a port probe, a load balancer's health check): no association to
+            # create, and none left waiting for its ACSE timeout to hold up a shutdown.
+            connection.close()
+            return
         super().handle()
+
+    @staticmethod
+    def _peer_speaks(connection: socket.socket, timeout: float | None) -> bool:
+        """Wait for the first byte (A-ASSOCIATE-RQ) without consuming it; False if the peer
+        closed the connection or sent nothing within the ACSE timeout."""
+        previous = connection.gettimeout()
+        connection.settimeout(timeout)
+        try:
+            return bool(connection.recv(1, socket.MSG_PEEK))
+        except OSError:  # includes the timeout
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                connection.settimeout(previous)
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()

@@ -1,0 +1,102 @@
+"""The application factory: every route under ``/api/v1``, errors as problem details."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI
+
+from pacsai import __version__
+from pacsai.api import jobs, studies, tokens, worklist
+from pacsai.api._context import ApiContext, Notify, QueueProbe
+from pacsai.api.health import health_router
+from pacsai.api.metrics import metrics_router, new_registry
+from pacsai.api.problems import ProblemGuard, install_problem_handlers
+from pacsai.config import Settings
+from pacsai.db import Database
+
+if TYPE_CHECKING:
+    from pacsai.inference import ModelRegistry
+
+__all__ = ["API_PREFIX", "create_app"]
+
+API_PREFIX = "/api/v1"
+
+_DESCRIPTION = """\
+What pacsai received, what its models found and where the results went, for worklists, RIS
+and monitoring. Authenticate with `Authorization: Bearer <token>` (`pacsai token create`).
+Roles: viewer (studies, jobs, worklist results) < auditor (also the audit trail) < admin (also
+retries and tokens). Errors are RFC 9457 problem details (`application/problem+json`). Every
+read of patient data is recorded in the audit trail under `api:<token name>`.
+"""
+
+
+def _optional_routers() -> list[APIRouter]:
+    """Routers of modules that may not be there: the audit trail's (``pacsai.api.audit``)."""
+    found = []
+    if importlib.util.find_spec("pacsai.api.audit") is not None:
+        module = importlib.import_module("pacsai.api.audit")
+        router = getattr(module, "router", None)
+        if isinstance(router, APIRouter):
+            found.append(router)
+    return found
+
+
+def create_app(
+    settings: Settings,
+    database: Database,
+    *,
+    registry: ModelRegistry | None = None,
+    queue_probe: QueueProbe | None = None,
+    on_retry: Notify | None = None,
+) -> FastAPI:
+    """The HTTP API of one node.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (``api:`` for page size and open health/metrics, ``routes:`` for
+        priority rules, ``storage:`` and ``inference:`` for readiness).
+    database
+        The node's database; the API reads it and appends audit events to it.
+    registry
+        The node's :class:`pacsai.inference.ModelRegistry`, if it has one; otherwise readiness
+        scans ``inference.models_dir`` once.
+    queue_probe
+        Returns (alive, expected) local worker threads, for readiness; ``None`` when jobs run
+        elsewhere.
+    on_retry
+        Called after a retry queued a job or deliveries, to wake the workers.
+    """
+    app = FastAPI(
+        title="pacsai",
+        version=__version__,
+        description=_DESCRIPTION,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.pacsai = ApiContext(
+        settings=settings,
+        database=database,
+        registry=registry,
+        queue_probe=queue_probe,
+        on_retry=on_retry,
+        metrics=new_registry(database),
+    )
+    install_problem_handlers(app)
+    app.add_middleware(ProblemGuard)
+    routers = [
+        studies.router,
+        jobs.router,
+        worklist.router,
+        tokens.router,
+        health_router(settings.api.open_health),
+        metrics_router(settings.api.open_metrics),
+        *_optional_routers(),
+    ]
+    for router in routers:
+        app.include_router(router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,251 @@
+"""``GET /worklist-results`` (viewer): per study, what the AI found, for a worklist or RIS.
+
+For each study with a finished job: the models run (name, version), the findings (segmented
+labels present with their volumes, class probabilities), a ``priority`` flag, and the series UIDs
+of the SEG and SR written. Results come from the study's latest job that succeeded. The study is
+priority when any :class:`pacsai.config.PriorityRule` of a route whose model ran holds on that
+route's findings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from pacsai.api._context import ApiContext, api_context, audit
+from pacsai.api._params import (
+    CursorParam,
+    LimitParam,
+    StudyUidQuery,
+    decode_cursor,
+    encode_cursor,
+    page_limit,
+    text_query,
+    to_utc,
+)
+from pacsai.api.auth import Principal, require_role
+from pacsai.api.problems import ApiProblem, problem_responses
+from pacsai.api.schemas import Finding, ResultOut
+from pacsai.api.studies import list_audit_detail, results_of
+from pacsai.config import PriorityRule, Route
+from pacsai.db import Job, JobStatus, Study
+
+__all__ = ["WorklistFinding", "WorklistPage", "WorklistStudy", "priority_reasons", "router"]
+
+router = APIRouter(tags=["worklist"])
+
+_FINISHED = (JobStatus.SUCCEEDED, JobStatus.SKIPPED, JobStatus.FAILED)
+
+
+class ModelRun(BaseModel):
+    """A model that ran on the study, and on which series."""
+
+    name: str
+    version: str
+    route: str
+    series_instance_uid: str
+
+
+class WorklistFinding(Finding):
+    """A finding and the model that made it."""
+
+    model: str
+    route: str
+
+
+class WorklistStudy(BaseModel):
+    """The AI results of one study."""
+
+    study_instance_uid: str
+    accession_number: str | None
+    patient_id: str | None
+    job_id: int = Field(description="The job shown: the latest that succeeded, else the latest")
+    job_status: JobStatus
+    reason: str | None
+    finished_at: datetime | None
+    models: list[ModelRun]
+    findings: list[WorklistFinding]
+    priority: bool
+    priority_reasons: list[str] = Field(description="Each route rule that holds, in words")
+    seg_series_uids: list[str]
+    sr_series_uids: list[str]
+
+
+class WorklistPage(BaseModel):
+    """A page of studies with AI results, newest study first."""
+
+    items: list[WorklistStudy]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last")
+
+
+def _rule_reason(rule: PriorityRule, finding: Finding) -> str | None:
+    if finding.label.casefold() != rule.finding.casefold():
+        return None
+    if finding.probability is not None:
+        threshold = 0.5 if rule.min_probability is None else rule.min_probability
+        if finding.probability >= threshold:
+            return f"{finding.label} probability {finding.probability:.2f} >= {threshold:g}"
+        return None
+    if finding.volume_ml is None:
+        return None
+    if rule.min_volume_ml is None:
+        return f"{finding.label} present ({finding.volume_ml:.1f} ml)"
+    if finding.volume_ml >= rule.min_volume_ml:
+        return f"{finding.label} {finding.volume_ml:.1f} ml >= {rule.min_volume_ml:g} ml"
+    return None
+
+
+def priority_reasons(results: list[ResultOut], routes: dict[str, Route]) -> list[str]:
+    """Why the study is priority: ``route: reason`` for every rule that holds (empty: it is not).
+
+    A result is judged by the rules of the route it came from; routes are looked up by name in
+    the configuration (the default routes made when none are configured have no rules).
+    """
+    reasons: list[str] = []
+    for result in results:
+        route = routes.get(result.route)
+        if route is None:
+            continue
+        for rule in route.priority or []:
+            for finding in result.findings:
+                reason = _rule_reason(rule, finding)
+                if reason is not None:
+                    reasons.append(f"{route.name}: {reason}")
+    return list(dict.fromkeys(reasons))
+
+
+def _shown_jobs(session: Session, study_ids: list[int]) -> dict[int, Job]:
+    """Per study: its latest succeeded job, else its latest finished job."""
+    shown: dict[int, Job] = {}
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.study_id.in_(study_ids), Job.status.in_(_FINISHED))
+        .order_by(Job.id.desc())
+    )
+    for job in jobs:
+        current = shown.get(job.study_id)
+        if current is None or (
+            current.status != JobStatus.SUCCEEDED and job.status == JobStatus.SUCCEEDED
+        ):
+            shown[job.study_id] = job
+    return shown
+
+
+def _item(
+    study: Study, job: Job, results: list[ResultOut], routes: dict[str, Route]
+) -> WorklistStudy:
+    reasons = priority_reasons(results, routes)
+    objects = [obj for result in results for obj in result.objects]
+    return WorklistStudy(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number,
+        patient_id=study.patient_id,
+        job_id=job.id,
+        job_status=job.status,
+        reason=job.reason,
+        finished_at=job.finished_at,
+        models=[
+            ModelRun(
+                name=r.model_name,
+                version=r.model_version,
+                route=r.route,
+                series_instance_uid=r.series_instance_uid,
+            )
+            for r in results
+        ],
+        findings=[
+            WorklistFinding(**finding.model_dump(), model=r.model_name, route=r.route)
+            for r in results
+            for finding in r.findings
+        ],
+        priority=bool(reasons),
+        priority_reasons=reasons,
+        seg_series_uids=list(
+            dict.fromkeys(o.series_instance_uid for o in objects if o.kind == "SEG")
+        ),
+        sr_series_uids=list(
+            dict.fromkeys(o.series_instance_uid for o in objects if o.kind == "SR")
+        ),
+    )
+
+
+@router.get(
+    "/worklist-results",
+    response_model=WorklistPage,
+    summary="AI results per study, by accession number, study UID or since a time",
+    responses=problem_responses(401, 422),
+)
+def worklist_results(
+    principal: Annotated[Principal, Depends(require_role("viewer"))],
+    context: Annotated[ApiContext, Depends(api_context)],
+    accession: Annotated[str | None, text_query(16, "Accession number")] = None,
+    study_uid: StudyUidQuery = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Studies with a job finished at or after (ISO 8601; UTC if naive)"),
+    ] = None,
+    limit: LimitParam = None,
+    cursor: CursorParam = None,
+) -> WorklistPage:
+    """The AI results of the studies matching every filter given (at least one is needed).
+
+    A RIS can poll with ``since`` set to the time of its previous poll.
+    """
+    if accession is None and study_uid is None and since is None:
+        raise ApiProblem(422, "validation", "give accession, study_uid or since")
+    after = decode_cursor(cursor)
+    size = page_limit(limit, context.settings.api.page_size)
+    start = to_utc(since, "since")
+    finished = Job.study_id == Study.id, Job.status.in_(_FINISHED)
+    query = select(Study).where(exists().where(*finished))
+    if accession is not None:
+        query = query.where(Study.accession_number == accession)
+    if study_uid is not None:
+        query = query.where(Study.study_instance_uid == study_uid)
+    if start is not None:
+        query = query.where(exists().where(*finished, Job.finished_at >= start))
+    if after is not None:
+        query = query.where(Study.id < after)
+    routes = {route.name: route for route in context.settings.routes or []}
+    with context.database.reading() as session:
+        studies = list(session.scalars(query.order_by(Study.id.desc()).limit(size + 1)))
+        more = len(studies) > size
+        studies = studies[:size]
+        shown = _shown_jobs(session, [study.id for study in studies])
+        succeeded = [job.id for job in shown.values() if job.status == JobStatus.SUCCEEDED]
+        results, _ = results_of(session, succeeded)
+    by_job: dict[int, list[ResultOut]] = {}
+    for result in results:
+        by_job.setdefault(result.job_id, []).append(result)
+    items = [
+        _item(study, shown[study.id], by_job.get(shown[study.id].id, []), routes)
+        for study in studies
+        if study.id in shown  # a job retried between the two queries: shown on the next poll
+    ]
+    single = studies[0] if len(studies) == 1 else None
+    audit(
+        context,
+        actor=principal.actor,
+        remote=principal.remote_address,
+        study_instance_uid=single.study_instance_uid if single else None,
+        patient_id=single.patient_id if single else None,
+        detail=list_audit_detail(
+            "GET /worklist-results",
+            {
+                "accession": accession,
+                "study_uid": study_uid,
+                "since": start,
+                "cursor": cursor,
+                "limit": size,
+            },
+            [item.study_instance_uid for item in items],
+        ),
+    )
+    return WorklistPage(
+        items=items, next_cursor=encode_cursor(studies[-1].id) if more and studies else None
+    )

@@ -1,0 +1,177 @@
+"""Delivery workers: send due deliveries, retry transient failures with backoff, audit each try.
+
+Each attempt is audited as an Export (110106) naming the destination, with the model name and
+version of the result; a delivery that ends FAILED stays visible with its last error until an
+admin retries it (``pacsai jobs retry``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from sqlalchemy.orm import Session
+
+from pacsai.config import Settings
+from pacsai.db import AuditAction, AuditEventId, AuditOutcome, Database, append_event, utcnow
+from pacsai.db.deliveries import (
+    DeliveryContext,
+    backoff_seconds,
+    claim_delivery,
+    delivery_context,
+    record_attempt,
+)
+from pacsai.db.models import Delivery, DeliveryStatus, Result
+from pacsai.errors import PacsaiError
+from pacsai.reporting.delivery import DeliveryFailure, Peer, send
+
+__all__ = ["DeliveryWorkers"]
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 600.0
+
+
+class DeliveryWorkers:
+    """Threads that send due deliveries until :meth:`stop`."""
+
+    def __init__(
+        self, settings: Settings, database: Database, *, count: int = 1, poll_seconds: float = 1.0
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.count = count
+        self.poll_seconds = poll_seconds
+        self._rng = random.Random()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def notify(self) -> None:
+        """A delivery was queued: wake a worker now."""
+        self._wake.set()
+
+    def run_due(self) -> int:
+        """Attempt every delivery that is due now, in this thread; the number attempted."""
+        attempted = 0
+        while not self._stop.is_set():
+            with self.database.transaction() as session:
+                delivery_id = claim_delivery(
+                    session=session, now=utcnow(), lease_seconds=LEASE_SECONDS
+                )
+            if delivery_id is None:
+                return attempted
+            self.attempt(delivery_id)
+            attempted += 1
+        return attempted
+
+    def attempt(self, delivery_id: int) -> DeliveryStatus:
+        """Send one claimed delivery and record the outcome."""
+        with self.database.reading() as session:
+            context = delivery_context(session=session, delivery_id=delivery_id)
+        destination = self.settings.destinations.get(context.destination)
+        error: str | None = None
+        permanent = False
+        start = time.perf_counter()
+        if destination is None:
+            error, permanent = f"destination {context.destination!r} is no longer configured", True
+        else:
+            peer = Peer.resolve(
+                context.destination,
+                destination,
+                sender_ae=context.sender_ae_title,
+                sender_host=context.sender_host,
+            )
+            files = [self.settings.storage.results_dir / path for path in context.files]
+            try:
+                send(peer, files, calling_ae_title=self.settings.node.ae_title)
+            except DeliveryFailure as exc:
+                error, permanent = str(exc), exc.permanent
+        seconds = time.perf_counter() - start
+        max_attempts = destination.max_attempts if destination else 1
+        backoff = (
+            backoff_seconds(
+                context.attempts + 1,
+                first=destination.backoff_seconds,
+                cap=destination.max_backoff_seconds,
+                rng=self._rng,
+            )
+            if destination
+            else 0.0
+        )
+        with self.database.transaction() as session:
+            status = record_attempt(
+                session=session,
+                delivery_id=delivery_id,
+                now=utcnow(),
+                error=error,
+                permanent=permanent,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                seconds=seconds,
+            )
+            self._audit(session, context, status, error)
+        level = logging.INFO if error is None else logging.WARNING
+        log.log(
+            level,
+            "delivery %d to %s: %s%s",
+            delivery_id,
+            context.destination,
+            status.value,
+            f" ({error})" if error else "",
+            extra={"action": "delivery", "delivery_id": delivery_id, "status": status.value},
+        )
+        return status
+
+    def _audit(
+        self, session: Session, context: DeliveryContext, status: DeliveryStatus, error: str | None
+    ) -> None:
+        delivery = session.get(Delivery, context.delivery_id)
+        result = session.get(Result, delivery.result_id) if delivery else None
+        append_event(
+            session=session,
+            event_id=AuditEventId.EXPORT,
+            action=AuditAction.READ,
+            outcome=AuditOutcome.SUCCESS if error is None else AuditOutcome.SERIOUS_FAILURE,
+            actor=self.settings.node.ae_title,
+            study_instance_uid=context.study_instance_uid,
+            patient_id=context.patient_id,
+            model_name=result.model_name if result else None,
+            model_version=(
+                f"{result.model_version}+{result.weights_sha256[:12]}" if result else None
+            ),
+            detail={
+                "delivery_id": context.delivery_id,
+                "job_id": context.job_id,
+                "destination": context.destination,
+                "objects": len(context.files),
+                "status": status.value,
+                "error": error,
+            },
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_due()
+            except PacsaiError as exc:
+                log.error("delivery worker: %s; retrying", exc)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def start(self) -> None:
+        for index in range(self.count):
+            thread = threading.Thread(
+                target=self._loop, name=f"pacsai-delivery-{index + 1}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop; a delivery being sent finishes (or its lease runs out and it is sent again)."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)

@@ -1,0 +1,375 @@
+"""One job, start to end: route the study, build volumes, run models, store and audit the results.
+
+Each step's failure is converted here into the job's state: a study no route fires on, or whose
+series cannot become volumes without guessing, is SKIPPED with the reason; a model that fails
+makes the job FAILED with the error. Either way the reason is stored on the job and audited
+(DICOM Instances Accessed, 110103, with the model name and version).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom import dcmread
+
+from pacsai.config import Route, Settings
+from pacsai.db import (
+    AuditAction,
+    AuditEventId,
+    AuditOutcome,
+    Database,
+    JobStatus,
+    ResultKind,
+    append_event,
+    utcnow,
+)
+from pacsai.db.deliveries import add_objects, queue_deliveries
+from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
+from pacsai.errors import InferenceError, ModelError, UnusableSeriesError
+from pacsai.inference.registry import ModelRegistry
+from pacsai.inference.routing import PlannedRun, default_routes, plan_study, read_study
+from pacsai.inference.volume import Volume, load_series
+
+if TYPE_CHECKING:
+    from pacsai.inference.model import LoadedModel, ModelOutput
+
+__all__ = ["JobOutcome", "JobRunner", "summarise"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended."""
+
+    status: JobStatus
+    reason: str | None = None
+    result_ids: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class JobRunner:
+    """Runs claimed jobs for one node; safe to call from several threads."""
+
+    def __init__(self, settings: Settings, database: Database, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.database = database
+        self.registry = registry
+        self.spool_dir = settings.storage.spool_dir
+        self.results_dir = settings.storage.results_dir
+        self.on_delivery_queued: Callable[[], None] | None = None
+
+    @property
+    def routes(self) -> list[Route]:
+        """The configured routes, or one per available bundle when none are configured."""
+        if self.settings.routes is not None:
+            return list(self.settings.routes)
+        return default_routes(self.registry.bundles, list(self.settings.destinations))
+
+    def run(self, job_id: int) -> JobOutcome:
+        """Run a job that was claimed (RUNNING) and record its end; never raises for the study."""
+        with self.database.reading() as session:
+            context = job_context(session=session, job_id=job_id)
+        outcome = JobOutcome(JobStatus.FAILED)
+        try:
+            outcome = self._run(context)
+        except InferenceError as exc:
+            outcome.reason = str(exc)
+        except Exception as exc:
+            log.exception("job %d failed unexpectedly", job_id)
+            outcome.reason = f"internal error: {type(exc).__name__}: {exc}"
+        with self.database.transaction() as session:
+            finish_job(
+                session=session,
+                job_id=job_id,
+                status=outcome.status,
+                now=utcnow(),
+                reason=outcome.reason,
+                timings=outcome.timings,
+            )
+            if outcome.status != JobStatus.SUCCEEDED:
+                self._audit(session, context, outcome)
+        log.info(
+            "job %d %s%s",
+            job_id,
+            outcome.status.value,
+            f": {outcome.reason}" if outcome.reason else "",
+            extra={"action": "job_finished", "job_id": job_id, "status": outcome.status.value},
+        )
+        return outcome
+
+    def _run(self, context: JobContext) -> JobOutcome:
+        outcome = JobOutcome(JobStatus.SUCCEEDED)
+        timings = outcome.timings
+        with _timed(timings, "route"):
+            paths = [self.spool_dir / p for p in context.paths]
+            try:
+                study = read_study(context.study_instance_uid, paths, context.calling_ae_title)
+            except FileNotFoundError as exc:
+                raise InferenceError(f"{exc}: were the spool files removed?") from exc
+            plan = plan_study(study, self.routes)
+        if not plan.runs:
+            outcome.status, outcome.reason = JobStatus.SKIPPED, plan.skip_reason
+            return outcome
+        unusable: list[str] = []
+        errors: list[str] = []
+        for index, run in enumerate(plan.runs):
+            try:
+                outcome.result_ids.append(self._run_one(context, index, run, timings))
+            except UnusableSeriesError as exc:
+                unusable.append(f"route {run.route.name!r}: {_short(exc)}")
+            except ModelError as exc:
+                errors.append(f"route {run.route.name!r}: {_short(exc)}")
+        notes = plan.reasons + unusable + errors
+        if outcome.result_ids:
+            outcome.reason = "; ".join(unusable + errors) or None
+        elif errors:
+            outcome.status, outcome.reason = JobStatus.FAILED, "; ".join(errors + unusable)
+        else:
+            outcome.status, outcome.reason = JobStatus.SKIPPED, "; ".join(notes)
+        return outcome
+
+    def _run_one(
+        self, context: JobContext, index: int, run: PlannedRun, timings: dict[str, float]
+    ) -> int:
+        with _timed(timings, "load_model"):
+            model = self.registry.load(run.route.model)
+        with _timed(timings, "volume"):
+            volume = load_series(run.series.paths)
+        output = model.predict(volume)
+        for stage, seconds in output.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        bundle = model.bundle
+        with _timed(timings, "store"):
+            relative = Path(f"job-{context.job_id}") / f"{index:02d}-{run.route.name}.npz"
+            summary = summarise(output.label_map, output.probabilities, volume, bundle.labels)
+            _save_output(
+                self.results_dir / relative, volume, output.label_map, output.probabilities
+            )
+            with self.database.transaction() as session:
+                result = add_result(
+                    session=session,
+                    job_id=context.job_id,
+                    route_name=run.route.name,
+                    series_instance_uid=volume.series_instance_uid,
+                    kind=(
+                        ResultKind.SEGMENTATION
+                        if output.label_map is not None
+                        else ResultKind.CLASSIFICATION
+                    ),
+                    model_name=bundle.name,
+                    model_version=bundle.version,
+                    weights_sha256=bundle.weights_sha256,
+                    output_path=relative.as_posix(),
+                    summary=summary,
+                    now=utcnow(),
+                )
+                append_event(
+                    session=session,
+                    event_id=AuditEventId.INSTANCES_ACCESSED,
+                    action=AuditAction.READ,
+                    outcome=AuditOutcome.SUCCESS,
+                    actor=self.settings.node.ae_title,
+                    study_instance_uid=context.study_instance_uid,
+                    patient_id=context.patient_id,
+                    model_name=bundle.name,
+                    model_version=bundle.display_version,
+                    detail={
+                        "job_id": context.job_id,
+                        "result_id": result.id,
+                        "route": run.route.name,
+                        "series_instance_uid": volume.series_instance_uid,
+                        "weights_sha256": bundle.weights_sha256,
+                        "device": str(model.device),
+                    },
+                )
+                result_id = result.id
+        if run.route.outputs:
+            with _timed(timings, "report"):
+                self._report(context, run, result_id, relative.parent, volume, model, output)
+        return result_id
+
+    def _report(
+        self,
+        context: JobContext,
+        run: PlannedRun,
+        result_id: int,
+        folder: Path,
+        volume: Volume,
+        model: LoadedModel,
+        output: ModelOutput,
+    ) -> None:
+        """Write the route's DICOM outputs and queue one delivery per destination."""
+        from pacsai.reporting.outputs import write_result_objects
+
+        route = run.route
+        destinations = self.settings.destinations
+        outputs = list(route.outputs)
+        if any(destinations[name].overlay for name in route.send_to) and "overlay" not in outputs:
+            outputs.append("overlay")
+        sources = [dcmread(path, stop_before_pixels=True) for path in run.series.paths]
+        objects = write_result_objects(
+            results_dir=self.results_dir,
+            folder=folder / f"result-{result_id}",
+            sources=sources,
+            volume=volume,
+            bundle=model.bundle,
+            route_name=route.name,
+            label_map=output.label_map,
+            probabilities=output.probabilities,
+            outputs=outputs,
+            seg_type=route.seg_type,
+            device_serial_number=self.settings.node.ae_title,
+            salt=context.uid_salt,
+        )
+        targets = []
+        for name in route.send_to:
+            kinds = ["SEG", "SR"]
+            if "overlay" in route.outputs or destinations[name].overlay:
+                kinds.append("OVERLAY")
+            targets.append((name, kinds))
+        with self.database.transaction() as session:
+            add_objects(
+                session=session,
+                result_id=result_id,
+                objects=[
+                    (
+                        o.kind,
+                        o.sop_class_uid,
+                        o.sop_instance_uid,
+                        o.series_instance_uid,
+                        o.path.as_posix(),
+                    )
+                    for o in objects
+                ],
+                now=utcnow(),
+            )
+            queued = queue_deliveries(
+                session=session,
+                result_id=result_id,
+                targets=targets,
+                now=utcnow(),
+                resend=context.resend,
+            )
+            for obj in objects:
+                append_event(
+                    session=session,
+                    event_id=AuditEventId.INSTANCES_ACCESSED,
+                    action=AuditAction.CREATE,
+                    outcome=AuditOutcome.SUCCESS,
+                    actor=self.settings.node.ae_title,
+                    study_instance_uid=context.study_instance_uid,
+                    patient_id=context.patient_id,
+                    model_name=model.bundle.name,
+                    model_version=model.bundle.display_version,
+                    detail={
+                        "job_id": context.job_id,
+                        "result_id": result_id,
+                        "object": obj.kind,
+                        "sop_class_uid": obj.sop_class_uid,
+                        "sop_instance_uid": obj.sop_instance_uid,
+                    },
+                )
+        if queued and self.on_delivery_queued is not None:
+            self.on_delivery_queued()
+
+    def _audit(self, session: Any, context: JobContext, outcome: JobOutcome) -> None:
+        append_event(
+            session=session,
+            event_id=AuditEventId.INSTANCES_ACCESSED,
+            action=AuditAction.READ,
+            outcome=(
+                AuditOutcome.MINOR_FAILURE
+                if outcome.status == JobStatus.SKIPPED
+                else AuditOutcome.SERIOUS_FAILURE
+            ),
+            actor=self.settings.node.ae_title,
+            study_instance_uid=context.study_instance_uid,
+            patient_id=context.patient_id,
+            detail={
+                "job_id": context.job_id,
+                "status": outcome.status.value,
+                "reason": outcome.reason,
+            },
+        )
+
+
+def _short(error: Exception, limit: int = 800) -> str:
+    """An error message short enough for a job's reason (a PyTorch error can run to pages)."""
+    text = str(error)
+    return text if len(text) <= limit else text[: limit - 20] + " ... (truncated)"
+
+
+def summarise(
+    label_map: np.ndarray | None,
+    probabilities: dict[str, float] | None,
+    volume: Volume,
+    labels: Any,
+) -> dict[str, Any]:
+    """What a result found: per label its voxel count and volume in ml, or the probabilities."""
+    if probabilities is not None:
+        return {"probabilities": {k: round(v, 6) for k, v in probabilities.items()}}
+    assert label_map is not None
+    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(label_map.reshape(-1).astype(np.int64))
+    found = []
+    for label in labels:
+        voxels = int(counts[label.value]) if label.value < len(counts) else 0
+        found.append(
+            {
+                "value": label.value,
+                "name": label.name,
+                "voxels": voxels,
+                "volume_ml": round(voxels * voxel_ml, 3),
+            }
+        )
+    return {"labels": found}
+
+
+def _save_output(
+    path: Path,
+    volume: Volume,
+    label_map: np.ndarray | None,
+    probabilities: dict[str, float] | None,
+) -> None:
+    """Write the output atomically: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {
+        "affine": volume.affine,
+        "sop_instance_uids": np.asarray([uid for uid, _ in volume.sources]),
+        "frame_numbers": np.asarray([frame or 0 for _, frame in volume.sources]),
+        "series_instance_uid": np.asarray(volume.series_instance_uid),
+    }
+    if label_map is not None:
+        arrays["label_map"] = label_map
+    if probabilities is not None:
+        arrays["probabilities"] = np.asarray(json.dumps(probabilities))
+    fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

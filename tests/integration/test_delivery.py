@@ -1,0 +1,216 @@
+"""Results delivered to a real storage SCP (DCMTK storescp): durable, retried, never twice."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from pacsai.db import AuditEvent, Delivery, DeliveryStatus, Job, JobStatus, ResultObject, utcnow
+from pacsai.db.jobs import retry_jobs
+from pacsai.phantom import write_phantom
+from pacsai.scu import Target, push
+from pacsai.service import Node
+from tests.support import REPO, free_port, start_storescp, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
+
+
+def _settings(port: int, **destination: Any) -> dict[str, Any]:
+    return {
+        "queue": {"local_workers": 1, "poll_seconds": 0.2},
+        "inference": {"models_dir": str(REPO / "models"), "device": "cpu"},
+        "destinations": {
+            "pacs": {"ae_title": "DCMTK", "host": "127.0.0.1", "port": port, **destination}
+        },
+    }
+
+
+def _push(node: Node, paths: Any) -> None:
+    target = Target(node.settings.node.ae_title, "127.0.0.1", node.receiver.port)
+    assert push(paths, target).failed == 0
+
+
+def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
+    with node.database.reading() as session:
+        rows = list(session.scalars(select(model).where(*where).order_by(model.id)))
+        for row in rows:
+            session.expunge(row)
+    return rows
+
+
+def _settled(node: Node, count: int = 1, timeout: float = 120.0) -> list[Delivery]:
+    """Wait until ``count`` deliveries exist and none is PENDING or RETRYING."""
+
+    def done() -> list[Delivery] | None:
+        jobs = _rows(node, Job)
+        if not jobs or any(j.status in (JobStatus.QUEUED, JobStatus.RUNNING) for j in jobs):
+            return None
+        deliveries = _rows(node, Delivery)
+        if len(deliveries) < count or any(
+            d.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING) for d in deliveries
+        ):
+            return None
+        return deliveries
+
+    result: list[Delivery] = wait_for(done, timeout=timeout)
+    return result
+
+
+def _received(folder: Path) -> dict[str, str]:
+    """SOP Instance UID -> Modality of everything storescp wrote."""
+    return {
+        str(ds.SOPInstanceUID): str(ds.Modality)
+        for ds in (dcmread(p, stop_before_pixels=True) for p in folder.iterdir() if p.is_file())
+    }
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    process = start_storescp(tmp_path / "pacs", port)
+    yield port, tmp_path / "pacs"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_seg_and_sr_of_a_ct_study_arrive_at_the_pacs(
+    database_url: str,
+    start_node: Callable[..., Node],
+    storescp: tuple[int, Path],
+    tmp_path: Path,
+) -> None:
+    port, folder = storescp
+    study = write_phantom("ct", tmp_path / "ct", seed=21)
+    node = start_node(database_url, **_settings(port))
+    _push(node, study.paths)
+
+    (delivery,) = _settled(node)
+    assert delivery.status is DeliveryStatus.SENT, delivery.last_error
+    objects = {o.sop_instance_uid: o.kind for o in _rows(node, ResultObject)}
+    assert sorted(objects.values()) == ["SEG", "SR"]
+    received = _received(folder)
+    assert set(received) == set(objects)
+    assert sorted(received.values()) == ["SEG", "SR"]
+    for path in folder.iterdir():
+        assert dcmread(path, stop_before_pixels=True).StudyInstanceUID == study.study_instance_uid
+    (export,) = _rows(node, AuditEvent, AuditEvent.event_id == "110106")
+    assert export.model_name == "ct_abdomen_demo" and export.outcome == 0
+    assert json.loads(export.detail or "{}")["destination"] == "pacs"
+    timings = json.loads(_rows(node, Job)[0].timings or "{}")
+    assert "report" in timings
+
+
+def test_destination_down_retries_then_fails_and_an_admin_retry_delivers_once(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens here yet
+    study = write_phantom("cr", tmp_path / "cr", seed=22)
+    node = start_node(**_settings(port, max_attempts=3, backoff_seconds=0.2))
+    _push(node, study.paths)
+
+    (delivery,) = _settled(node)
+    assert delivery.status is DeliveryStatus.FAILED
+    assert delivery.attempts == 3
+    assert delivery.last_error and "could not connect" in delivery.last_error
+
+    storescp = start_storescp(tmp_path / "pacs", port)
+    try:
+        with node.database.transaction() as session:
+            job_ids = [job.id for job in _rows(node, Job)]
+            messages = retry_jobs(session=session, job_ids=job_ids, now=utcnow())
+        assert "pending again" in next(iter(messages.values()))
+        assert node.deliveries is not None
+        node.deliveries.notify()
+        (delivery,) = wait_for(
+            lambda: [d for d in _rows(node, Delivery) if d.status is DeliveryStatus.SENT] or None
+        )
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=10)
+    received = _received(tmp_path / "pacs")
+    assert list(received.values()) == ["SR"]  # the classification's report, exactly once
+
+
+def test_a_destination_that_refuses_the_object_fails_at_once_with_the_reason(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """A storage SCP that only takes CT images has no presentation context for SR."""
+    port = free_port()
+    scp = AE(ae_title="CTONLY")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[])
+    try:
+        study = write_phantom("cr", tmp_path / "cr", seed=23)
+        node = start_node(**_settings(port, max_attempts=5, backoff_seconds=0.2))
+        _push(node, study.paths)
+        (delivery,) = _settled(node)
+    finally:
+        server.shutdown()
+    assert delivery.status is DeliveryStatus.FAILED
+    assert delivery.attempts == 1
+    assert delivery.last_error and "presentation context" in delivery.last_error
+
+
+def test_a_rerun_sends_nothing_twice_unless_asked(
+    start_node: Callable[..., Node], storescp: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, folder = storescp
+    study = write_phantom("cr", tmp_path / "cr", seed=24)
+    node = start_node(**_settings(port))
+    _push(node, study.paths)
+    (first,) = _settled(node)
+    assert first.status is DeliveryStatus.SENT
+    (job,) = _rows(node, Job)
+    first_uids = {o.sop_instance_uid for o in _rows(node, ResultObject)}
+
+    def rerun(**flags: bool) -> None:
+        with node.database.transaction() as session:
+            retry_jobs(session=session, job_ids=[job.id], now=utcnow(), rerun=True, **flags)
+        node.workers.notify()  # type: ignore[union-attr]
+        wait_for(
+            lambda: (
+                _rows(node, Job)[0].status is JobStatus.SUCCEEDED
+                and len({o.result_id for o in _rows(node, ResultObject)}) == runs[0]
+            )
+        )
+
+    runs = [2]
+    rerun()
+    assert {o.sop_instance_uid for o in _rows(node, ResultObject)} == first_uids  # same UIDs
+    assert len(_rows(node, Delivery)) == 1  # and not sent again
+
+    runs[0] = 3
+    rerun(resend=True)
+    deliveries = _settled(node, count=2)
+    assert [d.status for d in deliveries] == [DeliveryStatus.SENT] * 2
+
+    runs[0] = 4
+    rerun(new_uids=True)
+    _settled(node, count=3)
+    all_uids = {o.sop_instance_uid for o in _rows(node, ResultObject)}
+    assert len(all_uids) == 2  # one new SR instance beside the first
+    assert set(_received(folder)) == all_uids
+
+
+def test_without_destinations_results_are_kept_on_the_node(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    study = write_phantom("cr", tmp_path / "cr", seed=25)
+    settings = _settings(1)
+    settings["destinations"] = {}
+    node = start_node(**settings)
+    _push(node, study.paths)
+    job = wait_for(
+        lambda: next((j for j in _rows(node, Job) if j.status is JobStatus.SUCCEEDED), None)
+    )
+    assert job is not None
+    assert [o.kind for o in _rows(node, ResultObject)] == ["SR"]
+    assert _rows(node, Delivery) == []
