@@ -10,14 +10,15 @@ import gc
 import ipaddress
 import json
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -28,9 +29,10 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
-from pacsai.db import Association, AuditEvent, AuditEventId, Instance
+from pacsai.db import Association, AssociationOutcome, AuditEvent, AuditEventId, Instance
 from pacsai.service import Node
 from tests.support import make_ct_series, wait_for
 
@@ -190,8 +192,27 @@ def _tls_node(
     )
 
 
-def _client_context(pki: Pki, client: Pair | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+class _ClientContext(ssl.SSLContext):
+    """A client TLS context that keeps the sockets it wraps, so that a test can close them.
+
+    When a handshake fails, pynetdicom's requestor can drop its socket unclosed (it skips
+    ``close()`` when ``shutdown()`` fails), and the traceback it logs keeps that socket alive
+    until a garbage collection in some later test, whose ResourceWarning would fail that test.
+    """
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return cast(list[socket.socket], self.__dict__.setdefault("wrapped", []))
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.sockets.append(sock)
+        return sock
+
+
+def _client_context(pki: Pki, client: Pair | None, *, ca: Path | None = None) -> _ClientContext:
+    context = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca or pki.ca))
     if client is not None:
         context.load_cert_chain(str(client.cert), str(client.key))
     return context
@@ -211,24 +232,25 @@ def _associate(
     return ae.associate("127.0.0.1", node.receiver.port, **kwargs)
 
 
-def _assert_refused(assoc: ScuAssociation, node: Node) -> None:
-    """The SCU did not get an association; its leftovers are collected before the next test.
-
-    pynetdicom's requestor can drop its socket unclosed when the peer closed the connection first
-    (``AssociationSocket._shutdown_socket`` skips ``close()`` when ``shutdown()`` fails); the
-    ResourceWarning would surface in whichever later test the garbage collector runs. Only
-    sockets of the SCU side are silenced: one bound to the node's port still fails the test.
-    """
+def _assert_refused(assoc: ScuAssociation, sockets: list[socket.socket]) -> None:
+    """The SCU did not get an association; its `sockets` are closed before the next test."""
     assert not assoc.is_established
-    wait_for(lambda: not assoc.dul.is_alive())
+    wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive())
+    for sock in sockets:
+        sock.close()
+
+
+def _open_accepted_sockets(node: Node) -> list[ssl.SSLSocket]:
+    """The node's accepted TLS connections whose file descriptor is still open."""
     port = node.receiver.port
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=rf"unclosed <.*laddr=\('127\.0\.0\.1', (?!{port}\))",
-            category=ResourceWarning,
-        )
-        gc.collect()
+    return [
+        sock
+        for sock in gc.get_objects()
+        if isinstance(sock, ssl.SSLSocket)
+        and sock.server_side
+        and sock.fileno() != -1
+        and sock.getsockname()[1] == port
+    ]
 
 
 def _security_alerts(node: Node) -> list[AuditEvent]:
@@ -294,9 +316,10 @@ def test_a_client_without_a_trusted_certificate_cannot_associate(
     node = _tls_node(start_node, pki)
     pair = None if client == "none" else pki.untrusted_client
 
-    assoc = _associate(node, "INTRUDER", tls=_client_context(pki, pair))
+    context = _client_context(pki, pair)
+    assoc = _associate(node, "INTRUDER", tls=context)
 
-    _assert_refused(assoc, node)
+    _assert_refused(assoc, context.sockets)
     failures = wait_for(lambda: _tls_failures(node))
     assert len(failures) == 1
     assert failures[0].remote_address == "127.0.0.1"
@@ -307,13 +330,21 @@ def test_a_client_without_a_trusted_certificate_cannot_associate(
 
 
 def test_a_plain_tcp_client_cannot_associate_with_a_tls_node(
-    start_node: Callable[..., Node], pki: Pki
+    start_node: Callable[..., Node], pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = _tls_node(start_node, pki)
+    sockets: list[socket.socket] = []
+    create = AssociationSocket._create_socket
+
+    def keep(self: AssociationSocket, address: Any) -> socket.socket:
+        sockets.append(create(self, address))
+        return sockets[-1]
+
+    monkeypatch.setattr(AssociationSocket, "_create_socket", keep)
 
     assoc = _associate(node, "PLAINSCU", tls=None)
 
-    _assert_refused(assoc, node)
+    _assert_refused(assoc, sockets)
     assert len(wait_for(lambda: _tls_failures(node))) == 1
     assert _associations(node) == []
 
@@ -322,12 +353,11 @@ def test_a_client_that_does_not_trust_the_node_does_not_associate(
     start_node: Callable[..., Node], pki: Pki
 ) -> None:
     node = _tls_node(start_node, pki)
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.other_ca))
-    context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    context = _client_context(pki, pki.client, ca=pki.other_ca)
 
     assoc = _associate(node, "CAREFUL", tls=context)
 
-    _assert_refused(assoc, node)
+    _assert_refused(assoc, context.sockets)
     assert _associations(node) == []
 
 
@@ -355,10 +385,39 @@ def test_without_require_client_cert_an_untrusted_certificate_is_still_refused(
     """CERT_OPTIONAL verifies a certificate that is presented."""
     node = _tls_node(start_node, pki, require_client_cert=False)
 
-    assoc = _associate(node, "INTRUDER", tls=_client_context(pki, pki.untrusted_client))
+    context = _client_context(pki, pki.untrusted_client)
+    assoc = _associate(node, "INTRUDER", tls=context)
 
-    _assert_refused(assoc, node)
+    _assert_refused(assoc, context.sockets)
     assert len(wait_for(lambda: _tls_failures(node))) == 1
+
+
+@pytest.mark.parametrize("ending", ["release", "drop"])
+def test_the_node_closes_a_connection_its_peer_reset(
+    start_node: Callable[..., Node], pki: Pki, ending: str
+) -> None:
+    """A peer that resets the connection (DCMTK closes with SO_LINGER 0 after a release; a
+    modality switched off in the middle, a firewall's idle timeout) leaves no socket open in
+    the node: pynetdicom skips ``close()`` when ``shutdown()`` fails, as it does then.
+    """
+    node = _tls_node(start_node, pki)
+    context = _client_context(pki, pki.client)
+    assoc = _associate(node, "RESETSCU", tls=context)
+    assert assoc.is_established
+    wait_for(lambda: _open_accepted_sockets(node))
+    [sock] = context.sockets
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    if ending == "release":
+        assoc.release()
+    else:
+        sock.close()
+
+    wait_for(lambda: not assoc.is_alive())
+    wait_for(lambda: _open_accepted_sockets(node) == [])
+    [association] = wait_for(lambda: [a for a in _associations(node) if a.ended_at])
+    expected = AssociationOutcome.RELEASED if ending == "release" else AssociationOutcome.ABORTED
+    assert association.outcome == expected
 
 
 # --- DCMTK echoscu ------------------------------------------------------------------------------

@@ -130,34 +130,47 @@ class _PolicyACSE(ACSE):
 
 
 class _RequestHandler(RequestHandler):
-    """Completes the TLS handshake in the connection's own thread, then applies the policy."""
+    """Runs one connection: the TLS handshake in its own thread, then the association.
+
+    The handler waits for the association to end and closes the connection itself: pynetdicom
+    skips ``close()`` when ``shutdown()`` fails on a connection the peer has already dropped,
+    which would leave the socket to the garbage collector.
+    """
 
     server: _Server
+    _association: Association | None = None
 
     def handle(self) -> None:
+        try:
+            if self._admit(self.request):
+                super().handle()  # starts the association's thread
+                assert self._association is not None
+                self._association.join()  # it ends once its DUL has stopped using the socket
+        finally:
+            self.request.close()
+
+    def _admit(self, connection: socket.socket) -> bool:
+        """Complete the TLS handshake, or wait for a plain peer's first byte; audit a failed
+        handshake."""
         receiver = self.server.receiver
-        connection = self.request
-        if isinstance(connection, ssl.SSLSocket):
-            previous = connection.gettimeout()
-            connection.settimeout(receiver.settings_node.timeouts.acse)
-            try:
-                connection.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                receiver.instances.audit_rejection(
-                    calling_ae_title="",
-                    called_ae_title="",
-                    host=str(self.client_address[0]),
-                    explanation=f"TLS handshake failed: {exc}",
-                )
-                connection.close()
-                return
-            connection.settimeout(previous)
-        elif not self._peer_speaks(connection, receiver.settings_node.timeouts.acse):
+        if not isinstance(connection, ssl.SSLSocket):
             # A bare connect (a port probe, a load balancer's health check): no association to
             # create, and none left waiting for its ACSE timeout to hold up a shutdown.
-            connection.close()
-            return
-        super().handle()
+            return self._peer_speaks(connection, receiver.settings_node.timeouts.acse)
+        previous = connection.gettimeout()
+        connection.settimeout(receiver.settings_node.timeouts.acse)
+        try:
+            connection.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            receiver.instances.audit_rejection(
+                calling_ae_title="",
+                called_ae_title="",
+                host=str(self.client_address[0]),
+                explanation=f"TLS handshake failed: {exc}",
+            )
+            return False
+        connection.settimeout(previous)
+        return True
 
     @staticmethod
     def _peer_speaks(connection: socket.socket, timeout: float | None) -> bool:
@@ -176,6 +189,7 @@ class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.acse = _PolicyACSE(assoc, self.server.receiver)
+        self._association = assoc
         return assoc
 
 
