@@ -200,8 +200,7 @@ class Node:
     def _workers_alive(self) -> tuple[int, int]:
         """(alive, expected) local job worker threads, for the API's readiness check."""
         assert self.workers is not None
-        threads = self.workers._threads  # LocalWorkers has no public view of its threads yet
-        return sum(thread.is_alive() for thread in threads), self.workers.count
+        return self.workers.alive, self.workers.count
 
     def _wake_workers(self) -> None:
         """A retry through the API queued a job or deliveries: run them now, not at the next

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from pacsai.api._context import ApiContext, api_context, audit
+from pacsai.api._context import ApiContext, api_context, audit_list, audit_read
 from pacsai.api._params import (
     CursorParam,
     JobIdPath,
@@ -22,7 +22,7 @@ from pacsai.api._params import (
 from pacsai.api.auth import Principal, require_role
 from pacsai.api.problems import ApiProblem, problem_responses
 from pacsai.api.schemas import DeliveryOut, JobOut, ResultOut, job_out
-from pacsai.api.studies import list_audit_detail, results_of
+from pacsai.api.studies import results_of
 from pacsai.db import (
     AuditAction,
     AuditEventId,
@@ -111,16 +111,12 @@ def list_jobs(
     more = len(rows) > size
     rows = rows[:size]
     items = [job_out(job, uid) for job, uid in rows]
-    audit(
+    audit_list(
         context,
-        actor=principal.actor,
-        remote=principal.remote_address,
-        study_instance_uid=study_uid,
-        detail=list_audit_detail(
-            "GET /jobs",
-            {"status": status, "study_uid": study_uid, "cursor": cursor, "limit": size},
-            sorted({item.study_instance_uid for item in items}),
-        ),
+        principal,
+        "GET /jobs",
+        {"status": status, "study_uid": study_uid, "cursor": cursor, "limit": size},
+        [(item.study_instance_uid, None) for item in items],
     )
     return JobPage(items=items, next_cursor=encode_cursor(rows[-1][0].id) if more else None)
 
@@ -153,13 +149,13 @@ def get_job(
         results=results,
         deliveries=deliveries,
     )
-    audit(
+    audit_read(
         context,
-        actor=principal.actor,
-        remote=principal.remote_address,
+        principal,
+        "GET /jobs/{job_id}",
         study_instance_uid=study.study_instance_uid,
         patient_id=study.patient_id,
-        detail={"route": "GET /jobs/{job_id}", "job_id": job_id},
+        job_id=job_id,
     )
     return detail
 

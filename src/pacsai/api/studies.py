@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from pacsai.api._context import ApiContext, api_context, audit
+from pacsai.api._context import ApiContext, api_context, audit_list, audit_read
 from pacsai.api._params import (
     CursorParam,
     LimitParam,
@@ -107,16 +107,6 @@ def _summary(study: Study, modalities: list[str]) -> dict[str, Any]:
     }
 
 
-def list_audit_detail(route: str, filters: dict[str, Any], uids: list[str]) -> dict[str, Any]:
-    """The ``detail`` of the audit event of a list read: filters and what was returned."""
-    return {
-        "route": route,
-        "filters": {k: v for k, v in filters.items() if v is not None},
-        "returned": len(uids),
-        "studies": uids,
-    }
-
-
 @router.get(
     "/studies",
     response_model=StudyPage,
@@ -177,27 +167,21 @@ def list_studies(
         studies = studies[:size]
         modalities = _modalities(session, [study.id for study in studies])
     items = [StudySummary(**_summary(s, modalities[s.id])) for s in studies]
-    single = studies[0] if len(studies) == 1 else None
-    audit(
+    audit_list(
         context,
-        actor=principal.actor,
-        remote=principal.remote_address,
-        study_instance_uid=single.study_instance_uid if single else None,
-        patient_id=single.patient_id if single else None,
-        detail=list_audit_detail(
-            "GET /studies",
-            {
-                "status": status,
-                "modality": modality,
-                "accession": accession,
-                "patient_id": patient_id,
-                "received_from": start,
-                "received_to": end,
-                "cursor": cursor,
-                "limit": size,
-            },
-            [item.study_instance_uid for item in items],
-        ),
+        principal,
+        "GET /studies",
+        {
+            "status": status,
+            "modality": modality,
+            "accession": accession,
+            "patient_id": patient_id,
+            "received_from": start,
+            "received_to": end,
+            "cursor": cursor,
+            "limit": size,
+        },
+        [(s.study_instance_uid, s.patient_id) for s in studies],
     )
     return StudyPage(
         items=items, next_cursor=encode_cursor(studies[-1].id) if more and studies else None
@@ -242,13 +226,12 @@ def get_study(
         results=results,
         deliveries=deliveries,
     )
-    audit(
+    audit_read(
         context,
-        actor=principal.actor,
-        remote=principal.remote_address,
+        principal,
+        "GET /studies/{study_uid}",
         study_instance_uid=study.study_instance_uid,
         patient_id=study.patient_id,
-        detail={"route": "GET /studies/{study_uid}"},
     )
     return detail
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from pacsai.api._context import ApiContext, api_context, audit
+from pacsai.api._context import ApiContext, api_context, audit_list
 from pacsai.api._params import (
     CursorParam,
     LimitParam,
@@ -31,7 +31,7 @@ from pacsai.api._params import (
 from pacsai.api.auth import Principal, require_role
 from pacsai.api.problems import ApiProblem, problem_responses
 from pacsai.api.schemas import Finding, ResultOut
-from pacsai.api.studies import list_audit_detail, results_of
+from pacsai.api.studies import results_of
 from pacsai.config import PriorityRule, Route
 from pacsai.db import Job, JobStatus, Study
 
@@ -227,24 +227,18 @@ def worklist_results(
         for study in studies
         if study.id in shown  # a job retried between the two queries: shown on the next poll
     ]
-    single = studies[0] if len(studies) == 1 else None
-    audit(
+    audit_list(
         context,
-        actor=principal.actor,
-        remote=principal.remote_address,
-        study_instance_uid=single.study_instance_uid if single else None,
-        patient_id=single.patient_id if single else None,
-        detail=list_audit_detail(
-            "GET /worklist-results",
-            {
-                "accession": accession,
-                "study_uid": study_uid,
-                "since": start,
-                "cursor": cursor,
-                "limit": size,
-            },
-            [item.study_instance_uid for item in items],
-        ),
+        principal,
+        "GET /worklist-results",
+        {
+            "accession": accession,
+            "study_uid": study_uid,
+            "since": start,
+            "cursor": cursor,
+            "limit": size,
+        },
+        [(study.study_instance_uid, study.patient_id) for study in studies if study.id in shown],
     )
     return WorklistPage(
         items=items, next_cursor=encode_cursor(studies[-1].id) if more and studies else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 
 from sqlalchemy.orm import Session
@@ -24,7 +23,7 @@ from pacsai.db.deliveries import (
     record_attempt,
 )
 from pacsai.db.models import Delivery, DeliveryStatus, Result
-from pacsai.errors import PacsaiError
+from pacsai.jobs._polling import PollingWorkers
 from pacsai.reporting.delivery import DeliveryFailure, Peer, send
 
 __all__ = ["DeliveryWorkers"]
@@ -34,29 +33,23 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 600.0
 
 
-class DeliveryWorkers:
+class DeliveryWorkers(PollingWorkers):
     """Threads that send due deliveries until :meth:`stop`."""
+
+    kind = "delivery"
 
     def __init__(
         self, settings: Settings, database: Database, *, count: int = 1, poll_seconds: float = 1.0
     ) -> None:
+        super().__init__(count=count, poll_seconds=poll_seconds)
         self.settings = settings
         self.database = database
-        self.count = count
-        self.poll_seconds = poll_seconds
         self._rng = random.Random()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    def notify(self) -> None:
-        """A delivery was queued: wake a worker now."""
-        self._wake.set()
-
-    def run_due(self) -> int:
+    def drain(self) -> int:
         """Attempt every delivery that is due now, in this thread; the number attempted."""
         attempted = 0
-        while not self._stop.is_set():
+        while not self.stopping:
             with self.database.transaction() as session:
                 delivery_id = claim_delivery(
                     session=session, now=utcnow(), lease_seconds=LEASE_SECONDS
@@ -151,27 +144,3 @@ class DeliveryWorkers:
                 "error": error,
             },
         )
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_due()
-            except PacsaiError as exc:
-                log.error("delivery worker: %s; retrying", exc)
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
-
-    def start(self) -> None:
-        for index in range(self.count):
-            thread = threading.Thread(
-                target=self._loop, name=f"pacsai-delivery-{index + 1}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop; a delivery being sent finishes (or its lease runs out and it is sent again)."""
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout)
