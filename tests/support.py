@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.exc import OperationalError
 
@@ -153,6 +153,32 @@ class ServeProcess:
         return self.process.wait(timeout=timeout)
 
 
+def _instance(
+    sop_class_uid: str,
+    modality: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "PACSAI-TEST-001",
+    patient_name: str = "Test^Patient",
+) -> Dataset:
+    """A new instance with its file meta, UIDs, modality and patient; no pixels yet."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    return ds
+
+
 def make_ct_slice(
     *,
     study_uid: str,
@@ -166,20 +192,15 @@ def make_ct_slice(
 ) -> Dataset:
     """A small, valid CT Image Storage instance with random 16-bit pixels."""
     rng = np.random.default_rng(seed * 100_003 + index)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sop_uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds = _instance(
+        CTImageStorage,
+        "CT",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        patient_name=patient_name,
+    )
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid])
-    ds.Modality = "CT"
-    ds.PatientID = patient_id
-    ds.PatientName = patient_name
     ds.StudyDate = "20260101"
     ds.AccessionNumber = "ACC0001"
     ds.SeriesNumber = 1
@@ -235,19 +256,7 @@ def make_dx_image(
     from pydicom.uid import DigitalXRayImageStorageForPresentation
 
     rng = np.random.default_rng(seed)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sop_uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.PatientID = "PACSAI-TEST-001"
-    ds.PatientName = "Test^Patient"
+    ds = _instance(DigitalXRayImageStorageForPresentation, "DX")
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.PresentationIntentType = "FOR PRESENTATION"
@@ -285,20 +294,8 @@ def make_enhanced_ct(
     from pydicom.uid import EnhancedCTImageStorage
 
     rng = np.random.default_rng(seed)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sop_uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.SOPClassUID = EnhancedCTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds = _instance(EnhancedCTImageStorage, "CT")
     ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.PatientID = "PACSAI-TEST-001"
-    ds.PatientName = "Test^Patient"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.NumberOfFrames = frames
