@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,8 +16,7 @@ from tests.support import (
     ServeProcess,
     free_port,
     make_ct_series,
-    require_tool,
-    wait_for,
+    start_storescp,
     write_datasets,
 )
 
@@ -39,22 +37,9 @@ def pacsai(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp, a real and independent storage SCP, on a free port."""
-    binary = require_tool("storescp")
     port = free_port()
     out = tmp_path / "storescp"
-    out.mkdir()
-    process = subprocess.Popen(
-        [binary, "-aet", "DCMTK", "-od", str(out), str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_for(listening)
+    process = start_storescp(out, port)
     yield port, out
     process.terminate()
     process.wait(timeout=10)
