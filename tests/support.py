@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -22,9 +22,10 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy.exc import OperationalError
 
 from pacsai.config import Settings
-from pacsai.db import Delivery
+from pacsai.db import Database, Delivery
 
 REPO = Path(__file__).resolve().parents[1]
+Row = TypeVar("Row")
 POSTGRES_ADMIN_URL = os.environ.get(
     "PACSAI_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -62,6 +63,15 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def db_rows(database: Database, model: type[Row], *where: Any) -> list[Row]:
+    """The rows of `model` matching `where`, in id order, detached from their session."""
+    with database.reading() as session:
+        rows = list(session.scalars(select(model).where(*where).order_by(model.id)))  # type: ignore[attr-defined]
+        for row in rows:
+            session.expunge(row)
+    return rows
 
 
 def postgres_reachable() -> bool:

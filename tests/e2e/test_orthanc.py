@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
 
 from pacsai.db import Delivery, DeliveryStatus, Job, JobStatus, Result, ResultObject
 from pacsai.demo.orthanc import Orthanc, find_dicomweb_plugin
@@ -18,13 +17,17 @@ from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
 from tests.dicom_checks import dciodvfy
-from tests.support import REPO, wait_for
+from tests.support import REPO, db_rows, wait_for
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 TIMEOUT = 300.0  # a job on a busy CPU, with the models loading on first use
 
 Contents = dict[str, list[dict[str, Any]]]
+
+
+def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
+    return db_rows(node.database, model, *where)
 
 
 def _settings(destination: dict[str, Any]) -> dict[str, Any]:
@@ -66,14 +69,6 @@ def _send_through_orthanc(pacs: Orthanc, paths: list[Path]) -> None:
     studies = sorted({str(answer["ParentStudy"]) for answer in answers})
     answer = pacs.store_to("PACSAI", studies, synchronous=True)
     assert int(answer["InstancesCount"]) == len(paths), answer
-
-
-def _rows(node: Node, model: type[Any]) -> list[Any]:
-    with node.database.reading() as session:
-        rows = list(session.scalars(select(model).order_by(model.id)))
-        for row in rows:
-            session.expunge(row)
-    return rows
 
 
 def _written(node: Node) -> dict[str, str]:

@@ -11,16 +11,19 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from sqlalchemy import select
 
 from pacsai.db import AuditEvent, Delivery, DeliveryStatus, Job, JobStatus, ResultObject, utcnow
 from pacsai.db.jobs import retry_jobs
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import REPO, free_port, start_storescp, wait_for
+from tests.support import REPO, db_rows, free_port, start_storescp, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
+
+
+def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
+    return db_rows(node.database, model, *where)
 
 
 def _settings(port: int, **destination: Any) -> dict[str, Any]:
@@ -36,14 +39,6 @@ def _settings(port: int, **destination: Any) -> dict[str, Any]:
 def _push(node: Node, paths: Any) -> None:
     target = Target(node.settings.node.ae_title, "127.0.0.1", node.receiver.port)
     assert push(paths, target).failed == 0
-
-
-def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
-    with node.database.reading() as session:
-        rows = list(session.scalars(select(model).where(*where).order_by(model.id)))
-        for row in rows:
-            session.expunge(row)
-    return rows
 
 
 def _settled(node: Node, count: int = 1, timeout: float = 120.0) -> list[Delivery]:

@@ -17,11 +17,15 @@ from pacsai.db import AuditEvent, Job, JobStatus, Result, ResultKind, utcnow
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import REPO, wait_for
+from tests.support import REPO, db_rows, wait_for
 
 MODELS = REPO / "models"
 
 pytestmark = pytest.mark.slow
+
+
+def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
+    return db_rows(node.database, model, *where)
 
 
 def _target(node: Node) -> Target:
@@ -47,14 +51,6 @@ def _finished_job(node: Node, *, timeout: float = 120.0) -> Job:
 
     job: Job = wait_for(finished, timeout=timeout)
     return job
-
-
-def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
-    with node.database.reading() as session:
-        rows = list(session.scalars(select(model).where(*where)))
-        for row in rows:
-            session.expunge(row)
-    return rows
 
 
 def _results(node: Node, job_id: int) -> list[Result]:
