@@ -15,7 +15,7 @@ from pacsai.inference.volume import load_series
 from pacsai.phantom import write_phantom
 from pacsai.reporting import BANNER, build_overlay, result_uid
 from pacsai.reporting.overlay import contour_mask, text_mask
-from tests.dicom_checks import PhantomCase, dciodvfy, demo_bundle, phantom_case
+from tests.dicom_checks import PhantomCase, dciodvfy
 
 YELLOW = (255, 255, 0)
 PATIENT_AND_STUDY = (
@@ -36,16 +36,6 @@ UID_PARTS = ("1.2.3.4", "ct_abdomen_demo 0.1.0")
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("overlay")
-
-
-@pytest.fixture(scope="module")
-def ct(scratch: Path) -> PhantomCase:
-    return phantom_case("ct", scratch / "ct", seed=3)
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(scratch: Path) -> BundleInfo:
-    return demo_bundle("ct_abdomen_demo", scratch / "bundles")
 
 
 @pytest.fixture(scope="module")

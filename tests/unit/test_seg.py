@@ -46,21 +46,6 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("seg")
 
 
-@pytest.fixture(scope="module")
-def ct(scratch: Path) -> PhantomCase:
-    return phantom_case("ct", scratch / "ct", seed=3)
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(scratch: Path) -> BundleInfo:
-    return demo_bundle("ct_abdomen_demo", scratch / "bundles")
-
-
-@pytest.fixture(scope="module")
-def mr_bundle(scratch: Path) -> BundleInfo:
-    return demo_bundle("mr_brain_lesion_demo", scratch / "bundles")
-
-
 def label_map_of(case: PhantomCase) -> np.ndarray:
     assert case.label_map is not None
     return case.label_map

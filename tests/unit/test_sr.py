@@ -20,7 +20,7 @@ from pacsai.reporting import (
     read_measurements,
     result_uid,
 )
-from tests.dicom_checks import PhantomCase, dciodvfy, demo_bundle, phantom_case
+from tests.dicom_checks import PhantomCase, dciodvfy
 
 PROBABILITIES = {"nodule": 0.93, "effusion": 0.04}
 
@@ -28,26 +28,6 @@ PROBABILITIES = {"nodule": 0.93, "effusion": 0.04}
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sr")
-
-
-@pytest.fixture(scope="module")
-def ct(scratch: Path) -> PhantomCase:
-    return phantom_case("ct", scratch / "ct", seed=3)
-
-
-@pytest.fixture(scope="module")
-def cr(scratch: Path) -> PhantomCase:
-    return phantom_case("cr", scratch / "cr", seed=3)
-
-
-@pytest.fixture(scope="module")
-def ct_bundle(scratch: Path) -> BundleInfo:
-    return demo_bundle("ct_abdomen_demo", scratch / "bundles")
-
-
-@pytest.fixture(scope="module")
-def cxr_bundle(scratch: Path) -> BundleInfo:
-    return demo_bundle("cxr_findings_demo", scratch / "bundles")
 
 
 @pytest.fixture(scope="module")
