@@ -485,7 +485,10 @@ def demo(
     def interrupt(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # stops the node and the PACS through the usual clean-up
 
+    # SIGINT too: a shell starts background commands with it ignored, and Python then installs
+    # no handler of its own.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     console = Console()
     if not console.is_terminal and console.width < 120:  # a log file or a pipe: wide tables
         console = Console(width=160)

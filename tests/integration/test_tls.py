@@ -6,7 +6,6 @@ a second CA signs a client certificate the node must not trust.
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import json
 import shutil
@@ -33,6 +32,7 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
 from pacsai.db import Association, AssociationOutcome, AuditEvent, AuditEventId, Instance
+from pacsai.scp.server import _Server
 from pacsai.service import Node
 from tests.support import make_ct_series, wait_for
 
@@ -240,17 +240,18 @@ def _assert_refused(assoc: ScuAssociation, sockets: list[socket.socket]) -> None
         sock.close()
 
 
-def _open_accepted_sockets(node: Node) -> list[ssl.SSLSocket]:
-    """The node's accepted TLS connections whose file descriptor is still open."""
-    port = node.receiver.port
-    return [
-        sock
-        for sock in gc.get_objects()
-        if isinstance(sock, ssl.SSLSocket)
-        and sock.server_side
-        and sock.fileno() != -1
-        and sock.getsockname()[1] == port
-    ]
+def _keep_accepted_sockets(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+    """Every connection the node's receivers accept from now on."""
+    accepted: list[socket.socket] = []
+    get_request = _Server.get_request
+
+    def keep(self: _Server) -> tuple[socket.socket, Any]:
+        request = get_request(self)
+        accepted.append(request[0])
+        return request
+
+    monkeypatch.setattr(_Server, "get_request", keep)
+    return accepted
 
 
 def _security_alerts(node: Node) -> list[AuditEvent]:
@@ -394,17 +395,18 @@ def test_without_require_client_cert_an_untrusted_certificate_is_still_refused(
 
 @pytest.mark.parametrize("ending", ["release", "drop"])
 def test_the_node_closes_a_connection_its_peer_reset(
-    start_node: Callable[..., Node], pki: Pki, ending: str
+    start_node: Callable[..., Node], pki: Pki, ending: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A peer that resets the connection (DCMTK closes with SO_LINGER 0 after a release; a
     modality switched off in the middle, a firewall's idle timeout) leaves no socket open in
     the node: pynetdicom skips ``close()`` when ``shutdown()`` fails, as it does then.
     """
+    accepted = _keep_accepted_sockets(monkeypatch)
     node = _tls_node(start_node, pki)
     context = _client_context(pki, pki.client)
     assoc = _associate(node, "RESETSCU", tls=context)
     assert assoc.is_established
-    wait_for(lambda: _open_accepted_sockets(node))
+    [connection] = wait_for(lambda: accepted)
     [sock] = context.sockets
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -414,7 +416,7 @@ def test_the_node_closes_a_connection_its_peer_reset(
         sock.close()
 
     wait_for(lambda: not assoc.is_alive())
-    wait_for(lambda: _open_accepted_sockets(node) == [])
+    wait_for(lambda: connection.fileno() == -1)  # closed by the node
     [association] = wait_for(lambda: [a for a in _associations(node) if a.ended_at])
     expected = AssociationOutcome.RELEASED if ending == "release" else AssociationOutcome.ABORTED
     assert association.outcome == expected
