@@ -56,7 +56,7 @@ from pydicom.uid import (
 
 from pacsai.errors import UnusableSeriesError
 
-__all__ = ["Volume", "load_datasets", "load_series"]
+__all__ = ["Volume", "load_datasets", "load_series", "read_series"]
 
 #: Projection images: no Image Plane Module, one image is the whole "volume".
 _PROJECTION_SOP_CLASSES = frozenset(
@@ -208,7 +208,18 @@ def load_series(paths: Sequence[Path], *, spacing_tolerance: float = 0.05) -> Vo
         If a file cannot be read as DICOM, or the series cannot become one volume without
         guessing.
     """
-    return load_datasets([_read(Path(path)) for path in paths], spacing_tolerance=spacing_tolerance)
+    return load_datasets(read_series(paths), spacing_tolerance=spacing_tolerance)
+
+
+def read_series(paths: Sequence[Path]) -> list[Dataset]:
+    """Read the files of one series in full, for :func:`load_datasets`.
+
+    Raises
+    ------
+    UnusableSeriesError
+        If a file cannot be read as DICOM, or holds nothing after its file meta information.
+    """
+    return [_read(Path(path)) for path in paths]
 
 
 def load_datasets(datasets: Sequence[Dataset], *, spacing_tolerance: float = 0.05) -> Volume:

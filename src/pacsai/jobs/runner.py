@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from pacsai.config import Route, Settings
 from pacsai.db import (
@@ -38,7 +38,7 @@ from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
 from pacsai.errors import InferenceError, ModelError, UnusableSeriesError
 from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import PlannedRun, default_routes, plan_study, read_study
-from pacsai.inference.volume import Volume, load_series
+from pacsai.inference.volume import Volume, load_datasets, read_series
 
 if TYPE_CHECKING:
     from pacsai.inference.model import LoadedModel, ModelOutput
@@ -145,7 +145,11 @@ class JobRunner:
         with _timed(timings, "load_model"):
             model = self.registry.load(run.route.model)
         with _timed(timings, "volume"):
-            volume = load_series(run.series.paths)
+            sources = read_series(run.series.paths)
+            volume = load_datasets(sources)
+            for ds in sources:  # the DICOM outputs need the headers, not the pixels
+                if "PixelData" in ds:
+                    del ds.PixelData
         output = model.predict(volume)
         for stage, seconds in output.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
@@ -196,7 +200,9 @@ class JobRunner:
                 result_id = result.id
         if run.route.outputs:
             with _timed(timings, "report"):
-                self._report(context, run, result_id, relative.parent, volume, model, output)
+                self._report(
+                    context, run, result_id, relative.parent, sources, volume, model, output
+                )
         return result_id
 
     def _report(
@@ -205,6 +211,7 @@ class JobRunner:
         run: PlannedRun,
         result_id: int,
         folder: Path,
+        sources: list[Dataset],
         volume: Volume,
         model: LoadedModel,
         output: ModelOutput,
@@ -217,7 +224,6 @@ class JobRunner:
         outputs = list(route.outputs)
         if any(destinations[name].overlay for name in route.send_to) and "overlay" not in outputs:
             outputs.append("overlay")
-        sources = [dcmread(path, stop_before_pixels=True) for path in run.series.paths]
         objects = write_result_objects(
             results_dir=self.results_dir,
             folder=folder / f"result-{result_id}",
