@@ -36,6 +36,7 @@ from pacsai.db import (
 from pacsai.db.deliveries import add_objects, queue_deliveries
 from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
 from pacsai.errors import InferenceError, ModelError, UnusableSeriesError
+from pacsai.inference.labels import voxel_counts
 from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import PlannedRun, default_routes, plan_study, read_study
 from pacsai.inference.volume import Volume, load_datasets, read_series
@@ -327,7 +328,7 @@ def summarise(
         return {"probabilities": {k: round(v, 6) for k, v in probabilities.items()}}
     assert label_map is not None
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    counts = np.bincount(label_map.reshape(-1).astype(np.int64))
+    counts = voxel_counts(label_map)
     found = []
     for label in labels:
         voxels = int(counts[label.value]) if label.value < len(counts) else 0

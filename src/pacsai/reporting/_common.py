@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
-from pacsai.inference.labels import LabelSemantics
+from pacsai.inference.labels import LabelSemantics, voxel_counts
 from pacsai.inference.volume import Volume
 
 __all__ = [
@@ -253,6 +253,9 @@ def match_sources(sources: Sequence[Dataset], volume: Volume) -> MatchedSources:
 def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> LabelCounts:
     """Check a segmentation model's label map against its volume and bundle.
 
+    A :class:`LabelCounts` this function returned is taken as it is, so that the objects built
+    from one result count its voxels once.
+
     Raises
     ------
     TypeError
@@ -265,6 +268,12 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
         raise TypeError(f"bundle must be a BundleInfo, not {type(bundle).__name__}")
     if bundle.task != "segmentation":
         raise ValueError(f"bundle {bundle.name!r} is a {bundle.task} model: it has no label map")
+    if isinstance(label_map, LabelCounts):  # checked once for all the objects of one result
+        if label_map.label_map.shape != volume.array.shape or set(label_map.counts) != {
+            label.value for label in bundle.labels
+        }:
+            raise ValueError("these label counts were made for another volume or bundle")
+        return label_map
     if not isinstance(label_map, np.ndarray):
         raise TypeError(f"label_map must be a numpy array, not {type(label_map).__name__}")
     if not np.issubdtype(label_map.dtype, np.integer):
@@ -277,7 +286,7 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
     values = label_map.ravel()
     if values.size and int(values.min()) < 0:
         raise ValueError("label_map holds negative values")
-    counts = _label_counts(label_map)
+    counts = voxel_counts(label_map)
     defined = {label.value for label in bundle.labels}
     undefined = [
         value for value in np.flatnonzero(counts).tolist() if value and value not in defined
@@ -295,18 +304,6 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
             for label in bundle.labels
         },
     )
-
-
-def _label_counts(label_map: np.ndarray) -> np.ndarray:
-    """Voxels per label value, a slice at a time: converting a 300x512x512 map to intp at once
-    costs a 630 MB temporary and over a second."""
-    counts = np.zeros(1, dtype=np.int64)
-    for plane in label_map.reshape(label_map.shape[0], -1) if label_map.ndim > 1 else [label_map]:
-        plane_counts = np.bincount(plane.astype(np.intp, copy=False), minlength=1)
-        if plane_counts.size > counts.size:
-            counts = np.pad(counts, (0, plane_counts.size - counts.size))
-        counts[: plane_counts.size] += plane_counts
-    return counts
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from pydicom import Dataset
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
+from pacsai.reporting._common import check_label_map
 from pacsai.reporting._uids import result_uid
 from pacsai.reporting.seg import EmptySegmentationError, build_segmentation
 from pacsai.reporting.sr import build_measurement_report
@@ -72,13 +73,14 @@ def write_result_objects(
         return str(result_uid(*identity, *parts))
 
     written: list[WrittenObject] = []
+    checked = None if label_map is None else check_label_map(label_map, volume, bundle)
     segmentation: Dataset | None = None
-    if label_map is not None and "seg" in outputs:
+    if checked is not None and "seg" in outputs:
         try:
             segmentation = build_segmentation(
                 sources=sources,
                 volume=volume,
-                label_map=label_map,
+                label_map=checked,
                 bundle=bundle,
                 segmentation_type="LABELMAP" if seg_type == "LABELMAP" else "BINARY",
                 series_instance_uid=uid("SEG", "series"),
@@ -95,20 +97,20 @@ def write_result_objects(
             volume=volume,
             bundle=bundle,
             segmentation=segmentation,
-            label_map=label_map,
+            label_map=checked,
             probabilities=probabilities,
             series_instance_uid=uid("SR", "series"),
             sop_instance_uid=uid("SR", "instance"),
             device_serial_number=device_serial_number,
         )
         written.append(_write(results_dir, folder / "sr.dcm", "SR", report))
-    if label_map is not None and "overlay" in outputs and bool(np.any(label_map)):
+    if checked is not None and "overlay" in outputs and any(checked.counts.values()):
         from pacsai.reporting.overlay import build_overlay
 
         images = build_overlay(
             sources=sources,
             volume=volume,
-            label_map=label_map,
+            label_map=checked,
             bundle=bundle,
             series_instance_uid=uid("OVERLAY", "series"),
             uid_parts=(*identity, "OVERLAY"),

@@ -64,6 +64,7 @@ from pacsai.inference.labels import LabelSemantics
 from pacsai.inference.volume import Volume
 from pacsai.reporting._common import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
+    LabelCounts,
     MatchedSources,
     check_label_map,
     check_positive_int,
@@ -189,7 +190,7 @@ def build_overlay(
     *,
     sources: Sequence[Dataset],
     volume: Volume,
-    label_map: np.ndarray,
+    label_map: np.ndarray | LabelCounts,
     bundle: BundleInfo,
     series_number: int = 9903,
     series_instance_uid: str | None = None,
@@ -212,7 +213,8 @@ def build_overlay(
         The volume the model read; a projection image (CR, DX) is a volume of one slice.
     label_map : numpy.ndarray
         Integer array shaped like ``volume.array``: 0 is background, other values are the
-        bundle's label values. Slice ``k`` belongs to ``volume.sources[k]``.
+        bundle's label values. Slice ``k`` belongs to ``volume.sources[k]``. Or the
+        ``LabelCounts`` that ``check_label_map`` returned for it (counted once per result).
     bundle : pacsai.inference.bundle.BundleInfo
         The segmentation model: its labels' names and colours, its name and version.
     series_number : int

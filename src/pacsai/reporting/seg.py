@@ -40,6 +40,7 @@ from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
 from pacsai.reporting._common import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
+    LabelCounts,
     check_label_map,
     check_positive_int,
     check_uid,
@@ -71,7 +72,7 @@ def build_segmentation(
     *,
     sources: Sequence[Dataset],
     volume: Volume,
-    label_map: np.ndarray,
+    label_map: np.ndarray | LabelCounts,
     bundle: BundleInfo,
     series_number: int = 9901,
     instance_number: int = 1,
@@ -94,7 +95,8 @@ def build_segmentation(
         The volume the model read.
     label_map : numpy.ndarray
         Integer array shaped like ``volume.array``: 0 is background, other values are the
-        bundle's label values. Slice ``k`` belongs to ``volume.sources[k]``.
+        bundle's label values. Slice ``k`` belongs to ``volume.sources[k]``. Or the
+        ``LabelCounts`` that ``check_label_map`` returned for it (counted once per result).
     bundle : pacsai.inference.bundle.BundleInfo
         The segmentation model.
     series_number, instance_number : int

@@ -154,7 +154,7 @@ def build_measurement_report(
     volume: Volume,
     bundle: BundleInfo,
     segmentation: Dataset | None = None,
-    label_map: np.ndarray | None = None,
+    label_map: np.ndarray | LabelCounts | None = None,
     probabilities: Mapping[str, float] | None = None,
     series_number: int = 9902,
     instance_number: int = 1,
