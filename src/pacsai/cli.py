@@ -406,7 +406,7 @@ def jobs_retry(
             event_type=AuditEventType.USE_OF_RESTRICTED_FUNCTION,
             action=AuditAction.EXECUTE,
             outcome=AuditOutcome.SUCCESS,
-            actor=f"cli:{getpass.getuser()}",
+            actor=_cli_actor(),
             detail={
                 "command": "jobs retry",
                 "jobs": messages,
@@ -851,7 +851,7 @@ def _audit_token_change(session: Any, detail: dict[str, Any]) -> None:
         event_type=AuditEventType.USE_OF_RESTRICTED_FUNCTION,
         action=AuditAction.EXECUTE,
         outcome=AuditOutcome.SUCCESS,
-        actor=f"cli:{getpass.getuser()}",
+        actor=_cli_actor(),
         detail=detail,
     )
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from pacsai import __version__
-from pacsai.api import jobs, studies, tokens, worklist
+from pacsai.api import audit, jobs, studies, tokens, worklist
 from pacsai.api._context import ApiContext, Notify, QueueProbe
 from pacsai.api.health import health_router
 from pacsai.api.metrics import metrics_router, new_registry
@@ -31,17 +29,6 @@ Roles: viewer (studies, jobs, worklist results) < auditor (also the audit trail)
 retries and tokens). Errors are RFC 9457 problem details (`application/problem+json`). Every
 read of patient data is recorded in the audit trail under `api:<token name>`.
 """
-
-
-def _optional_routers() -> list[APIRouter]:
-    """Routers of modules that may not be there: the audit trail's (``pacsai.api.audit``)."""
-    found = []
-    if importlib.util.find_spec("pacsai.api.audit") is not None:
-        module = importlib.import_module("pacsai.api.audit")
-        router = getattr(module, "router", None)
-        if isinstance(router, APIRouter):
-            found.append(router)
-    return found
 
 
 def create_app(
@@ -95,7 +82,7 @@ def create_app(
         tokens.router,
         health_router(settings.api.open_health),
         metrics_router(settings.api.open_metrics),
-        *_optional_routers(),
+        audit.router,
     ]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,14 +24,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pacsai.api._context import ApiContext, api_context, audit, remote_address
 from pacsai.api.problems import ApiProblem
 from pacsai.db import AuditEventId, AuditEventType, AuditOutcome, TokenRole, utcnow
-from pacsai.db.tokens import find_token, touch_token
+from pacsai.db.tokens import TOUCH_EVERY, find_token, touch_token
 
 __all__ = ["ROLE_RANK", "Principal", "TokenRole", "bearer_scheme", "require_role"]
 
 log = logging.getLogger("pacsai.api")
 
 ROLE_RANK: dict[TokenRole, int] = {TokenRole.VIEWER: 0, TokenRole.AUDITOR: 1, TokenRole.ADMIN: 2}
-_TOUCH_EVERY = timedelta(seconds=60)
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -48,7 +46,6 @@ class Principal:
 
     name: str
     role: TokenRole
-    token_id: int
     remote_address: str | None = None
 
     @property
@@ -90,7 +87,7 @@ def authenticate(
             extra={"action": "api_unknown_token", "remote_address": remote},
         )
         raise _unauthorized("the token is not known to this node", invalid=True)
-    principal = Principal(token.name, token.role, token.id, remote)
+    principal = Principal(token.name, token.role, remote)
     if token.revoked_at is not None:
         _refused(context, principal, request, reason="revoked token")
         raise _unauthorized(f"token {token.name!r} was revoked", invalid=True)
@@ -102,7 +99,7 @@ def authenticate(
             f"token {token.name!r} has role {token.role.value}; this route needs {needed.value}",
         )
     now = utcnow()
-    if token.last_used_at is None or now - token.last_used_at >= _TOUCH_EVERY:
+    if token.last_used_at is None or now - token.last_used_at >= TOUCH_EVERY:
         with context.database.transaction() as session:
             touch_token(session=session, token_id=token.id, now=now)
     return principal

@@ -60,7 +60,6 @@ __all__ = ["BUCKETS", "DatabaseCollector", "metrics_router", "new_registry"]
 log = logging.getLogger("pacsai.api")
 
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-_FINISHED = (JobStatus.SUCCEEDED, JobStatus.SKIPPED, JobStatus.FAILED)
 
 
 class _Histogram:
@@ -172,7 +171,9 @@ def _job_histograms(session: Session) -> Iterator[Metric]:
     stages: dict[str, _Histogram] = {}
     duration = _Histogram()
     rows = session.execute(
-        select(Job.timings, Job.started_at, Job.finished_at).where(Job.status.in_(_FINISHED))
+        select(Job.timings, Job.started_at, Job.finished_at).where(
+            Job.status.in_(JobStatus.finished())
+        )
     )
     for timings, started, finished in rows:
         if started is not None and finished is not None:

@@ -16,6 +16,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from pacsai.api.app import API_PREFIX
 from pacsai.errors import ConfigError, PacsaiError
 
 __all__ = ["ApiServer"]
@@ -53,7 +54,7 @@ class ApiServer:
     def url(self) -> str:
         """The base URL of the API, e.g. ``http://127.0.0.1:8080/api/v1``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/api/v1"
+        return f"http://{host}:{self.port}{API_PREFIX}"
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET

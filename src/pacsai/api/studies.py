@@ -236,8 +236,11 @@ def get_study(
     return detail
 
 
-def results_of(session: Session, job_ids: list[int]) -> tuple[list[ResultOut], list[DeliveryOut]]:
-    """The results of ``job_ids`` with their objects, and their deliveries, in id order."""
+def results_of(
+    session: Session, job_ids: list[int], *, with_deliveries: bool = True
+) -> tuple[list[ResultOut], list[DeliveryOut]]:
+    """The results of ``job_ids`` with their objects, and (unless not wanted) their deliveries,
+    in id order."""
     if not job_ids:
         return [], []
     results = list(
@@ -253,6 +256,7 @@ def results_of(session: Session, job_ids: list[int]) -> tuple[list[ResultOut], l
             .order_by(ResultObject.id)
         ):
             objects[obj.result_id].append(obj)
+    if result_ids and with_deliveries:
         deliveries = list(
             session.scalars(
                 select(Delivery).where(Delivery.result_id.in_(result_ids)).order_by(Delivery.id)

@@ -39,8 +39,6 @@ __all__ = ["WorklistFinding", "WorklistPage", "WorklistStudy", "priority_reasons
 
 router = APIRouter(tags=["worklist"])
 
-_FINISHED = (JobStatus.SUCCEEDED, JobStatus.SKIPPED, JobStatus.FAILED)
-
 
 class ModelRun(BaseModel):
     """A model that ran on the study, and on which series."""
@@ -124,7 +122,7 @@ def _shown_jobs(session: Session, study_ids: list[int]) -> dict[int, Job]:
     shown: dict[int, Job] = {}
     jobs = session.scalars(
         select(Job)
-        .where(Job.study_id.in_(study_ids), Job.status.in_(_FINISHED))
+        .where(Job.study_id.in_(study_ids), Job.status.in_(JobStatus.finished()))
         .order_by(Job.id.desc())
     )
     for job in jobs:
@@ -201,7 +199,7 @@ def worklist_results(
     after = decode_cursor(cursor)
     size = page_limit(limit, context.settings.api.page_size)
     start = to_utc(since, "since")
-    finished = Job.study_id == Study.id, Job.status.in_(_FINISHED)
+    finished = Job.study_id == Study.id, Job.status.in_(JobStatus.finished())
     query = select(Study).where(exists().where(*finished))
     if accession is not None:
         query = query.where(Study.accession_number == accession)
@@ -218,7 +216,7 @@ def worklist_results(
         studies = studies[:size]
         shown = _shown_jobs(session, [study.id for study in studies])
         succeeded = [job.id for job in shown.values() if job.status == JobStatus.SUCCEEDED]
-        results, _ = results_of(session, succeeded)
+        results, _ = results_of(session, succeeded, with_deliveries=False)
     by_job: dict[int, list[ResultOut]] = {}
     for result in results:
         by_job.setdefault(result.job_id, []).append(result)

@@ -37,6 +37,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal
 
+from pacsai.db._audit_record import AUDIT_COLUMNS
 from pacsai.db.audit_query import AuditRecord
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "EVENT_ID_MEANINGS",
     "EVENT_TYPE_MEANINGS",
     "EXPORT_FORMATS",
-    "MEDIA_TYPES",
     "ExportFormat",
     "audit_message",
     "audit_message_xml",
@@ -56,29 +56,9 @@ __all__ = [
 
 ExportFormat = Literal["dicom-xml", "jsonl", "csv"]
 EXPORT_FORMATS: Final[tuple[ExportFormat, ...]] = ("dicom-xml", "jsonl", "csv")
-MEDIA_TYPES: Final[dict[ExportFormat, str]] = {
-    "dicom-xml": "application/xml",
-    "jsonl": "application/x-ndjson",
-    "csv": "text/csv",
-}
 
-CSV_COLUMNS: Final = (
-    "id",
-    "occurred_at",
-    "event_id",
-    "event_type",
-    "action",
-    "outcome",
-    "actor",
-    "remote_address",
-    "study_instance_uid",
-    "patient_id",
-    "model_name",
-    "model_version",
-    "detail",
-    "prev_hash",
-    "row_hash",
-)
+#: The columns of a CSV export: those of ``audit_events``, in table order.
+CSV_COLUMNS: Final = tuple(column.key for column in AUDIT_COLUMNS)
 
 #: Code meanings of the PS3.15 A.5.3 event IDs (DCM), the EventID's ``originalText``.
 EVENT_ID_MEANINGS: Final = {

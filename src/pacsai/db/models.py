@@ -105,6 +105,11 @@ class JobStatus(enum.StrEnum):
     SKIPPED = "SKIPPED"
     FAILED = "FAILED"
 
+    @classmethod
+    def finished(cls) -> tuple[JobStatus, ...]:
+        """The states a job ends in."""
+        return (cls.SUCCEEDED, cls.SKIPPED, cls.FAILED)
+
 
 class ResultKind(enum.StrEnum):
     """What a model produced for one series."""

@@ -19,6 +19,7 @@ from pacsai.db.models import ApiToken, TokenRole
 
 __all__ = [
     "TOKEN_PREFIX",
+    "TOUCH_EVERY",
     "create_token",
     "find_token",
     "hash_secret",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "pacsai_"
+#: A token's last use is written at most this often (reads stay reads).
+TOUCH_EVERY = timedelta(seconds=60)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._@-]{0,63}$")
 _SECRET = re.compile(r"^pacsai_[A-Za-z0-9_-]{43}$")
 
@@ -82,27 +85,24 @@ def find_token(*, session: Session, secret: str) -> ApiToken | None:
     return session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
 
 
-def touch_token(*, session: Session, token_id: int, now: datetime, every: float = 60.0) -> None:
-    """Record that a token was used, at most once per ``every`` seconds (a guarded update)."""
+def touch_token(*, session: Session, token_id: int, now: datetime) -> None:
+    """Record that a token was used, at most once per :data:`TOUCH_EVERY` (a guarded update)."""
     session.execute(
         update(ApiToken)
         .where(
             ApiToken.id == token_id,
             or_(
                 ApiToken.last_used_at.is_(None),
-                ApiToken.last_used_at < now - timedelta(seconds=every),
+                ApiToken.last_used_at < now - TOUCH_EVERY,
             ),
         )
         .values(last_used_at=now)
     )
 
 
-def list_tokens(*, session: Session, include_revoked: bool = True) -> list[ApiToken]:
+def list_tokens(*, session: Session) -> list[ApiToken]:
     """Every token in creation order (secrets are never stored, so never listed)."""
-    query = select(ApiToken).order_by(ApiToken.id)
-    if not include_revoked:
-        query = query.where(ApiToken.revoked_at.is_(None))
-    return list(session.scalars(query))
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
 def revoke_token(*, session: Session, name_or_id: str, now: datetime) -> ApiToken | None:
