@@ -189,9 +189,7 @@ def models() -> None:
 def _registry(settings: Settings) -> Any:
     from pacsai.inference import ModelRegistry
 
-    return ModelRegistry(
-        settings.inference.models_dir, device=settings.inference.device, amp=settings.inference.amp
-    )
+    return ModelRegistry.from_settings(settings.inference)
 
 
 @models.command("list")
@@ -267,13 +265,10 @@ def routes() -> None:
 def routes_test(path: Path, config_path: Path | None) -> None:
     """Show which route and series each study under PATH would get (no model is run)."""
     from pacsai.inference import plan_study, scan_folder
-    from pacsai.inference.routing import default_routes
+    from pacsai.inference.routing import routes_for
 
     settings = _settings(config_path)
-    if settings.routes is not None:
-        rules = list(settings.routes)
-    else:
-        rules = default_routes(_registry(settings).bundles, list(settings.destinations))
+    rules = routes_for(settings, lambda: _registry(settings).bundles)
     studies = scan_folder(path)
     if not studies:
         raise PacsaiError(f"no DICOM images found under {path}")

@@ -102,8 +102,7 @@ class Node:
         from pacsai.inference import ModelRegistry
         from pacsai.jobs import DeliveryWorkers, JobRunner, LocalWorkers
 
-        inference = settings.inference
-        registry = ModelRegistry(inference.models_dir, device=inference.device, amp=inference.amp)
+        registry = ModelRegistry.from_settings(settings.inference)
         self.registry = registry
         for entry in registry.entries.values():
             if entry.bundle is not None:

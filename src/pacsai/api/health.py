@@ -85,10 +85,7 @@ def _models(context: ApiContext) -> Check:
     if context.registry is None:
         from pacsai.inference import ModelRegistry  # light: scans bundle metadata, no torch
 
-        inference = context.settings.inference
-        context.registry = ModelRegistry(
-            inference.models_dir, device=inference.device, amp=inference.amp
-        )
+        context.registry = ModelRegistry.from_settings(context.settings.inference)
     entries = context.registry.entries
     routes = context.settings.routes
     wanted = {route.model for route in routes} if routes else set(entries)

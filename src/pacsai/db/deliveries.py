@@ -145,6 +145,8 @@ class DeliveryContext:
     patient_id: str | None
     sender_ae_title: str
     sender_host: str | None
+    model_name: str
+    model_version: str  # bundle version + the first 12 hex digits of the weights' SHA-256
 
 
 def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
@@ -179,6 +181,8 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
         patient_id=study.patient_id,
         sender_ae_title=study.calling_ae_title,
         sender_host=sender_host,
+        model_name=result.model_name,
+        model_version=f"{result.model_version}+{result.weights_sha256[:12]}",
     )
 
 

@@ -30,11 +30,9 @@ __all__ = [
 ]
 
 
-def claim_job(*, session: Session, now: datetime, job_id: int | None = None) -> int | None:
-    """Move the oldest QUEUED job (or ``job_id``) to RUNNING; its id, or ``None`` if none."""
+def claim_job(*, session: Session, now: datetime) -> int | None:
+    """Move the oldest QUEUED job to RUNNING; its id, or ``None`` if none."""
     query = select(Job.id).where(Job.status == JobStatus.QUEUED)
-    if job_id is not None:
-        query = query.where(Job.id == job_id)
     for (candidate,) in session.execute(query.order_by(Job.created_at, Job.id).limit(5)).all():
         result = session.execute(
             update(Job)

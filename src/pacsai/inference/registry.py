@@ -16,6 +16,7 @@ from pacsai.errors import BundleError, ModelError
 from pacsai.inference.bundle import BundleInfo, inspect_bundle
 
 if TYPE_CHECKING:
+    from pacsai.config import InferenceSettings
     from pacsai.inference.model import LoadedModel
 
 __all__ = ["ModelRegistry", "RegistryEntry"]
@@ -48,6 +49,11 @@ class ModelRegistry:
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
         self.scan()
+
+    @classmethod
+    def from_settings(cls, inference: InferenceSettings) -> ModelRegistry:
+        """The registry of the ``inference:`` settings (models_dir, device, amp)."""
+        return cls(inference.models_dir, device=inference.device, amp=inference.amp)
 
     def scan(self) -> None:
         """(Re)check every bundle directory; refused ones are logged with what they lack."""

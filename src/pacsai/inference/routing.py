@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from pacsai.config import Route, SeriesRule, StudyRule
+from pacsai.config import Route, SeriesRule, Settings, StudyRule
 from pacsai.inference.bundle import BundleInfo
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "default_routes",
     "plan_study",
     "read_study",
+    "routes_for",
     "scan_folder",
 ]
 
@@ -125,6 +126,14 @@ class Plan:
     def skip_reason(self) -> str:
         """Why nothing runs (meaningful when :attr:`runs` is empty)."""
         return "; ".join(self.reasons) or "no route is configured"
+
+
+def routes_for(settings: Settings, bundles: Callable[[], Iterable[BundleInfo]]) -> list[Route]:
+    """The configured routes, or without ``routes:`` the default ones of the available
+    ``bundles`` (called only then)."""
+    if settings.routes is not None:
+        return list(settings.routes)
+    return default_routes(bundles(), list(settings.destinations))
 
 
 def default_routes(bundles: Iterable[BundleInfo], destinations: Sequence[str]) -> list[Route]:

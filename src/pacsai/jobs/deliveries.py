@@ -22,7 +22,7 @@ from pacsai.db.deliveries import (
     delivery_context,
     record_attempt,
 )
-from pacsai.db.models import Delivery, DeliveryStatus, Result
+from pacsai.db.models import DeliveryStatus
 from pacsai.jobs._polling import PollingWorkers
 from pacsai.reporting.delivery import DeliveryFailure, Peer, send
 
@@ -121,8 +121,6 @@ class DeliveryWorkers(PollingWorkers):
     def _audit(
         self, session: Session, context: DeliveryContext, status: DeliveryStatus, error: str | None
     ) -> None:
-        delivery = session.get(Delivery, context.delivery_id)
-        result = session.get(Result, delivery.result_id) if delivery else None
         append_event(
             session=session,
             event_id=AuditEventId.EXPORT,
@@ -131,10 +129,8 @@ class DeliveryWorkers(PollingWorkers):
             actor=self.settings.node.ae_title,
             study_instance_uid=context.study_instance_uid,
             patient_id=context.patient_id,
-            model_name=result.model_name if result else None,
-            model_version=(
-                f"{result.model_version}+{result.weights_sha256[:12]}" if result else None
-            ),
+            model_name=context.model_name,
+            model_version=context.model_version,
             detail={
                 "delivery_id": context.delivery_id,
                 "job_id": context.job_id,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from pacsai._atomic import write_atomically
 from pacsai.config import Route, Settings
 from pacsai.db import (
     AuditAction,
@@ -35,10 +34,10 @@ from pacsai.db import (
 )
 from pacsai.db.deliveries import add_objects, queue_deliveries
 from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
-from pacsai.errors import InferenceError, ModelError, UnusableSeriesError
+from pacsai.errors import InferenceError, ModelError, ReportError, UnusableSeriesError
 from pacsai.inference.labels import voxel_counts
 from pacsai.inference.registry import ModelRegistry
-from pacsai.inference.routing import PlannedRun, default_routes, plan_study, read_study
+from pacsai.inference.routing import PlannedRun, plan_study, read_study, routes_for
 from pacsai.inference.volume import Volume, load_datasets, read_series
 
 if TYPE_CHECKING:
@@ -73,9 +72,7 @@ class JobRunner:
     @property
     def routes(self) -> list[Route]:
         """The configured routes, or one per available bundle when none are configured."""
-        if self.settings.routes is not None:
-            return list(self.settings.routes)
-        return default_routes(self.registry.bundles, list(self.settings.destinations))
+        return routes_for(self.settings, lambda: self.registry.bundles)
 
     def run(self, job_id: int) -> JobOutcome:
         """Run a job that was claimed (RUNNING) and record its end; never raises for the study."""
@@ -129,7 +126,7 @@ class JobRunner:
                 outcome.result_ids.append(self._run_one(context, index, run, timings))
             except UnusableSeriesError as exc:
                 unusable.append(f"route {run.route.name!r}: {_short(exc)}")
-            except ModelError as exc:
+            except (ModelError, ReportError) as exc:  # the other routes still run
                 errors.append(f"route {run.route.name!r}: {_short(exc)}")
         notes = plan.reasons + unusable + errors
         if outcome.result_ids:
@@ -350,7 +347,6 @@ def _save_output(
     probabilities: dict[str, float] | None,
 ) -> None:
     """Write the output atomically: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {
         "affine": volume.affine,
         "sop_instance_uids": np.asarray([uid for uid, _ in volume.sources]),
@@ -361,16 +357,7 @@ def _save_output(
         arrays["label_map"] = label_map
     if probabilities is not None:
         arrays["probabilities"] = np.asarray(json.dumps(probabilities))
-    fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 @contextmanager

@@ -9,8 +9,6 @@ of showing twice; a different input or model gives new UIDs. ``salt`` asks for n
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
+from pacsai._atomic import write_atomically
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
@@ -123,18 +122,9 @@ def write_result_objects(
 
 def _write(results_dir: Path, relative: Path, kind: str, dataset: Dataset) -> WrittenObject:
     """Write atomically (temp file, fsync, rename)."""
-    path = results_dir / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            dataset.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(
+        results_dir / relative, lambda handle: dataset.save_as(handle, enforce_file_format=True)
+    )
     return WrittenObject(
         kind=kind,
         sop_class_uid=str(dataset.SOPClassUID),
