@@ -14,6 +14,7 @@ from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import load_series
 from pacsai.phantom import write_phantom
 from pacsai.reporting import BANNER, build_overlay, result_uid
+from pacsai.reporting.outputs import WrittenObject, write_result_objects
 from pacsai.reporting.overlay import contour_mask, text_mask
 from tests.dicom_checks import PhantomCase, dciodvfy
 
@@ -400,3 +401,37 @@ def test_bad_window_and_uid_parts_are_refused(ct: PhantomCase, ct_bundle: Bundle
         build_overlay(**arguments, uid_parts="1.2.3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not among the"):
         build_overlay(**{**arguments, "sources": ct.datasets[1:]})  # type: ignore[arg-type]
+
+
+def test_a_result_with_an_overlay_output_writes_seg_sr_and_one_image_per_finding_slice(
+    ct: PhantomCase, ct_bundle: BundleInfo, tmp_path: Path
+) -> None:
+    """The overlay through the job's path: series UIDs derived, the same on a re-run."""
+    label_map = label_map_of(ct)
+
+    def write(results_dir: Path) -> list[WrittenObject]:
+        return write_result_objects(
+            results_dir=results_dir,
+            folder=Path("result-1"),
+            sources=ct.datasets,
+            volume=ct.volume,
+            bundle=ct_bundle,
+            route_name="ct",
+            label_map=label_map,
+            probabilities=None,
+            outputs=["seg", "sr", "overlay"],
+        )
+
+    written = write(tmp_path / "first")
+    overlays = [o for o in written if o.kind == "OVERLAY"]
+    assert sorted({o.kind for o in written}) == ["OVERLAY", "SEG", "SR"]
+    assert len(overlays) == int(np.count_nonzero(label_map.reshape(len(label_map), -1).any(axis=1)))
+    assert len({o.series_instance_uid for o in overlays}) == 1
+    assert overlays[0].series_instance_uid not in {
+        o.series_instance_uid for o in written if o.kind != "OVERLAY"
+    }
+    again = write(tmp_path / "again")
+    assert [o.sop_instance_uid for o in again] == [o.sop_instance_uid for o in written]
+    first = pydicom.dcmread(tmp_path / "first" / overlays[0].path)
+    assert dciodvfy(tmp_path / "first" / overlays[0].path).errors == []
+    assert first.SeriesInstanceUID == overlays[0].series_instance_uid

@@ -22,6 +22,7 @@ from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
 from pacsai.reporting._common import check_label_map
 from pacsai.reporting._uids import result_uid
+from pacsai.reporting.overlay import build_overlay
 from pacsai.reporting.seg import EmptySegmentationError, build_segmentation
 from pacsai.reporting.sr import build_measurement_report
 
@@ -104,14 +105,11 @@ def write_result_objects(
         )
         written.append(_write(results_dir, folder / "sr.dcm", "SR", report))
     if checked is not None and "overlay" in outputs and any(checked.counts.values()):
-        from pacsai.reporting.overlay import build_overlay
-
         images = build_overlay(
             sources=sources,
             volume=volume,
             label_map=checked,
             bundle=bundle,
-            series_instance_uid=uid("OVERLAY", "series"),
             uid_parts=(*identity, "OVERLAY"),
         )
         for number, image in enumerate(images, start=1):
