@@ -422,6 +422,22 @@ def test_the_node_closes_a_connection_its_peer_reset(
     assert association.outcome == expected
 
 
+def test_a_bare_connect_to_the_tls_port_is_no_security_alert(
+    start_node: Callable[..., Node], pki: Pki
+) -> None:
+    """A port probe or load balancer health check: connect, send nothing, close."""
+    node = _tls_node(start_node, pki)
+    with socket.create_connection(("127.0.0.1", node.receiver.port), timeout=5):
+        pass
+
+    assoc = _associate(node, "AFTERPROBE", tls=_client_context(pki, pki.client))
+    assert assoc.is_established
+    assoc.release()
+    wait_for(lambda: [a for a in _associations(node) if a.ended_at])
+    assert _security_alerts(node) == []
+    assert [a.calling_ae_title for a in _associations(node)] == ["AFTERPROBE"]
+
+
 # --- DCMTK echoscu ------------------------------------------------------------------------------
 
 
@@ -543,3 +559,4 @@ def test_results_are_delivered_over_dicom_tls_with_a_client_certificate(
         associations = session.scalars(select(Association)).all()
         assert [i.sop_class_uid for i in stored] == ["1.2.840.10008.5.1.4.1.1.88.34"]
         assert all(a.tls for a in associations)
+    assert _security_alerts(receiver) == []  # the sender's reachability check is no attack

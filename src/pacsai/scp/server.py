@@ -150,13 +150,17 @@ class _RequestHandler(RequestHandler):
             self.request.close()
 
     def _admit(self, connection: socket.socket) -> bool:
-        """Complete the TLS handshake, or wait for a plain peer's first byte; audit a failed
-        handshake."""
+        """Wait for the peer's first byte, then complete the TLS handshake; audit a failed one.
+
+        A connection closed (or silent for the ACSE timeout) before its first byte is a bare
+        connect: a port probe, a load balancer's health check, a peer checking that we are up.
+        It creates no association, holds up no shutdown, and on a TLS port is no security alert.
+        """
         receiver = self.server.receiver
+        if not self._peer_speaks(connection, receiver.settings_node.timeouts.acse):
+            return False
         if not isinstance(connection, ssl.SSLSocket):
-            # A bare connect (a port probe, a load balancer's health check): no association to
-            # create, and none left waiting for its ACSE timeout to hold up a shutdown.
-            return self._peer_speaks(connection, receiver.settings_node.timeouts.acse)
+            return True
         previous = connection.gettimeout()
         connection.settimeout(receiver.settings_node.timeouts.acse)
         try:
@@ -174,12 +178,13 @@ class _RequestHandler(RequestHandler):
 
     @staticmethod
     def _peer_speaks(connection: socket.socket, timeout: float | None) -> bool:
-        """Wait for the first byte (A-ASSOCIATE-RQ) without consuming it; False if the peer
-        closed the connection or sent nothing within the ACSE timeout."""
+        """Wait for the first byte (A-ASSOCIATE-RQ, or a TLS ClientHello) without consuming it;
+        False if the peer closed the connection or sent nothing within the ACSE timeout."""
         previous = connection.gettimeout()
         connection.settimeout(timeout)
         try:
-            return bool(connection.recv(1, socket.MSG_PEEK))
+            # socket.socket's own recv: on a TLS connection, the raw bytes before the handshake
+            return bool(socket.socket.recv(connection, 1, socket.MSG_PEEK))
         except OSError:  # includes the timeout
             return False
         finally:
