@@ -209,3 +209,40 @@ def test_without_destinations_results_are_kept_on_the_node(
     assert job is not None
     assert [o.kind for o in _rows(node, ResultObject)] == ["SR"]
     assert _rows(node, Delivery) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "permanent"),
+    [(0x0110, False), (0xA700, False), (0xA900, True), (0xC000, True)],
+)
+def test_a_refusal_is_permanent_unless_another_attempt_may_pass(
+    tmp_path: Path, status: int, permanent: bool
+) -> None:
+    """Out of Resources and Processing Failure (which pacsai answers for a database error) are
+    retried; a data set the peer cannot take is not."""
+    from pynetdicom import evt
+
+    from pacsai.config import Destination
+    from pacsai.reporting.delivery import DeliveryFailure, Peer, send
+    from tests.support import make_ct_series, write_datasets
+
+    port = free_port()
+    scp = AE(ae_title="PICKY")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)]
+    )
+    try:
+        files = write_datasets(make_ct_series(1), tmp_path)
+        peer = Peer(
+            "picky",
+            Destination(ae_title="PICKY", host="127.0.0.1", port=port),
+            "PICKY",
+            "127.0.0.1",
+        )
+        with pytest.raises(DeliveryFailure) as refused:
+            send(peer, files, calling_ae_title="PACSAI")
+    finally:
+        server.shutdown()
+    assert refused.value.permanent is permanent
+    assert f"0x{status:04X}" in str(refused.value)

@@ -53,6 +53,11 @@ class Peer:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.destination.port})"
 
 
+#: Outcomes another attempt may get past: Out of Resources (0xA7xx), Processing Failure (0x0110,
+#: which pacsai's own receiver answers for a transient database error), a lost association.
+_TRANSIENT = ("0xA7", "0x0110", "no response")
+
+
 def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> None:
     """Send ``files`` to ``peer``; return normally only if every object was accepted.
 
@@ -60,7 +65,8 @@ def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> None:
     ------
     DeliveryFailure
         With ``permanent`` set when the peer refused an object (a DIMSE failure status other
-        than Out of Resources, no accepted presentation context, an HTTP 4xx other than 408/429).
+        than Out of Resources or Processing Failure, no accepted presentation context, an HTTP
+        4xx other than 408/429).
     """
     if peer.destination.stow_url:
         _stow(peer, files)
@@ -88,7 +94,7 @@ def _c_store(peer: Peer, files: Sequence[Path], calling_ae_title: str) -> None:
     if not summary.failures:
         return
     details = "; ".join(f"{path.name}: {why}" for path, why in summary.failures)
-    transient = all(why.startswith(("0xA7", "no response")) for _, why in summary.failures)
+    transient = all(why.startswith(_TRANSIENT) for _, why in summary.failures)
     raise DeliveryFailure(f"{peer.describe()} refused: {details}", permanent=not transient)
 
 
