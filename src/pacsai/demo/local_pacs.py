@@ -23,16 +23,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsai.errors import InvalidInstanceError
+from pacsai.scp.status import StoreStatus
 from pacsai.scp.uids import validate_uid
 
 __all__ = ["LocalPacs", "StoredInstance"]
 
 log = logging.getLogger(__name__)
-
-_SUCCESS = 0x0000
-_OUT_OF_RESOURCES = 0xA700
-_DATASET_DOES_NOT_MATCH = 0xA900
-_CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
@@ -111,11 +107,6 @@ class LocalPacs:
     ) -> None:
         self.stop()
 
-    def studies(self) -> list[str]:
-        """Study Instance UIDs of everything stored."""
-        with self._lock:
-            return list(self._index)
-
     def instances(self, study_instance_uid: str) -> list[StoredInstance]:
         """The instances stored for one study, in arrival order (a resent instance once)."""
         with self._lock:
@@ -131,10 +122,10 @@ class LocalPacs:
             sop_class = validate_uid(header.get("SOPClassUID"), "SOP Class UID")
         except InvalidInstanceError as exc:
             log.warning("local PACS refused an instance: %s", exc)
-            return _DATASET_DOES_NOT_MATCH
+            return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
             log.warning("local PACS could not read an instance: %s", exc)
-            return _CANNOT_UNDERSTAND
+            return StoreStatus.CANNOT_UNDERSTAND
         folder = self.folder / study_uid
         path = folder / f"{sop_uid}.dcm"
         try:
@@ -149,7 +140,7 @@ class LocalPacs:
                 raise
         except OSError as exc:
             log.warning("local PACS could not write %s: %s", path, exc)
-            return _OUT_OF_RESOURCES
+            return StoreStatus.OUT_OF_RESOURCES
         stored = StoredInstance(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
@@ -160,7 +151,7 @@ class LocalPacs:
         )
         with self._lock:
             self._index.setdefault(study_uid, {})[sop_uid] = stored
-        return _SUCCESS
+        return StoreStatus.SUCCESS
 
 
 def _handle_store(event: Any, pacs: LocalPacs) -> int:
@@ -169,5 +160,5 @@ def _handle_store(event: Any, pacs: LocalPacs) -> int:
         encoded = event.encoded_dataset(include_meta=True)
     except (AttributeError, ValueError, KeyError) as exc:
         log.warning("local PACS could not take an instance: %s", exc)
-        return _CANNOT_UNDERSTAND
+        return StoreStatus.CANNOT_UNDERSTAND
     return pacs.store(encoded)

@@ -126,12 +126,6 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
-    def pid(self) -> int | None:
-        """The process id while Orthanc runs."""
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
-
-    @property
     def running(self) -> bool:
         """Whether the Orthanc process is alive."""
         return self._process is not None and self._process.poll() is None
@@ -308,11 +302,6 @@ class Orthanc:
         if failed:
             raise OrthancError(f"Orthanc could not store {failed} instances to {modality}")
         return answer
-
-    def studies(self) -> list[str]:
-        """Orthanc IDs of every study."""
-        result: list[str] = self._json("GET", "/studies")
-        return result
 
     def lookup(self, uid: str, kind: str) -> str | None:
         """``POST /tools/lookup``: the Orthanc ID of the ``kind`` (``Study``, ``Series``,

@@ -16,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from pacsai.reporting.overlay import contour_mask
+
 __all__ = ["encode_png", "render_segmentation", "write_png", "write_segmentation_previews"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,15 +89,6 @@ def _windowed(ds: Dataset) -> npt.NDArray[np.float64]:
     return gray
 
 
-def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
-
-
 def render_segmentation(
     source: Dataset, masks: Sequence[tuple[npt.NDArray[np.bool_], tuple[int, int, int]]]
 ) -> Rgb:
@@ -109,7 +102,7 @@ def render_segmentation(
             raise ValueError(f"a segment frame is {mask.shape}, its source image {gray.shape}")
         rgb = np.asarray(color, dtype=np.float64)
         overlay[mask] = (1 - _ALPHA) * overlay[mask] + _ALPHA * rgb
-        overlay[_outline(mask)] = rgb
+        overlay[contour_mask(mask.astype(np.uint8))] = rgb
     gap = np.full((gray.shape[0], 4, 3), 255.0)
     image = np.concatenate([base, gap, overlay], axis=1)
     scale = max(1, -(-_MIN_SIDE // max(1, min(gray.shape))))

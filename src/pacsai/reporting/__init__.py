@@ -6,9 +6,9 @@
   or classified, as a Comprehensive 3D SR, and :func:`read_measurements` to read one back;
 - :func:`result_uid`: UIDs a re-run derives again, so that it replaces its results instead of
   adding new ones;
-- :mod:`pacsai.reporting.codes`: the coded concepts used, and why.
-
-Sending the objects to a PACS is not part of this package yet.
+- :mod:`pacsai.reporting.codes`: the coded concepts used, and why;
+- :mod:`pacsai.reporting.outputs` writes the objects of one result to disk, and
+  :mod:`pacsai.reporting.delivery` sends them to a destination (C-STORE, DICOM TLS, STOW-RS).
 """
 
 from __future__ import annotations
