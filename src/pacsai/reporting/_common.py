@@ -165,8 +165,11 @@ def _header(ds: Dataset, index: int) -> Dataset:
     return header
 
 
-def match_sources(sources: Sequence[Dataset], volume: Volume) -> MatchedSources:
+def match_sources(sources: Sequence[Dataset] | MatchedSources, volume: Volume) -> MatchedSources:
     """Find the source instance of every slice of ``volume`` among ``sources``.
+
+    A :class:`MatchedSources` this function returned is taken as it is, so that the objects built
+    from one result match (and copy) the source headers once.
 
     Instances are matched by SOP Instance UID (and frame number for a multi-frame instance);
     instances in ``sources`` that no slice comes from are ignored.
@@ -184,6 +187,11 @@ def match_sources(sources: Sequence[Dataset], volume: Volume) -> MatchedSources:
     """
     if not isinstance(volume, Volume):
         raise TypeError(f"volume must be a pacsai Volume, not {type(volume).__name__}")
+    if isinstance(sources, MatchedSources):
+        slices = len(sources.datasets if sources.frame_order is None else sources.frame_order)
+        if slices != len(volume.sources):
+            raise ValueError("these matched sources were made for another volume")
+        return sources
     if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
         raise TypeError("sources must be a sequence of pydicom datasets")
     if not sources:

@@ -20,7 +20,7 @@ from pacsai._atomic import write_atomically
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
-from pacsai.reporting._common import check_label_map
+from pacsai.reporting._common import check_label_map, match_sources
 from pacsai.reporting._uids import result_uid
 from pacsai.reporting.overlay import build_overlay
 from pacsai.reporting.seg import EmptySegmentationError, build_segmentation
@@ -63,7 +63,8 @@ def write_result_objects(
     """
     if not sources:
         raise ReportError(f"no source instances for series {volume.series_instance_uid}")
-    study_uid = str(sources[0].StudyInstanceUID)
+    matched = match_sources(sources, volume)  # once for the SEG, the SR and the overlay
+    study_uid = matched.study_instance_uid
     inputs = hashlib.sha256("\n".join(uid for uid, _ in volume.sources).encode()).hexdigest()
     identity: tuple[str, ...] = (study_uid, inputs, route_name, bundle.name, bundle.weights_sha256)
     if salt:
@@ -78,7 +79,7 @@ def write_result_objects(
     if checked is not None and "seg" in outputs:
         try:
             segmentation = build_segmentation(
-                sources=sources,
+                sources=matched,
                 volume=volume,
                 label_map=checked,
                 bundle=bundle,
@@ -93,7 +94,7 @@ def write_result_objects(
             written.append(_write(results_dir, folder / "seg.dcm", "SEG", segmentation))
     if "sr" in outputs:
         report = build_measurement_report(
-            sources=sources,
+            sources=matched,
             volume=volume,
             bundle=bundle,
             segmentation=segmentation,
@@ -106,7 +107,7 @@ def write_result_objects(
         written.append(_write(results_dir, folder / "sr.dcm", "SR", report))
     if checked is not None and "overlay" in outputs and any(checked.counts.values()):
         images = build_overlay(
-            sources=sources,
+            sources=matched,
             volume=volume,
             label_map=checked,
             bundle=bundle,

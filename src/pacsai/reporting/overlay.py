@@ -188,7 +188,7 @@ _Window = tuple[float, float]
 
 def build_overlay(
     *,
-    sources: Sequence[Dataset],
+    sources: Sequence[Dataset] | MatchedSources,
     volume: Volume,
     label_map: np.ndarray | LabelCounts,
     bundle: BundleInfo,

@@ -41,6 +41,7 @@ from pacsai.inference.volume import Volume
 from pacsai.reporting._common import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
     LabelCounts,
+    MatchedSources,
     check_label_map,
     check_positive_int,
     check_uid,
@@ -70,7 +71,7 @@ class EmptySegmentationError(ReportError):
 
 def build_segmentation(
     *,
-    sources: Sequence[Dataset],
+    sources: Sequence[Dataset] | MatchedSources,
     volume: Volume,
     label_map: np.ndarray | LabelCounts,
     bundle: BundleInfo,

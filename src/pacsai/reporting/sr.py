@@ -150,7 +150,7 @@ class FindingRecord(TypedDict):
 
 def build_measurement_report(
     *,
-    sources: Sequence[Dataset],
+    sources: Sequence[Dataset] | MatchedSources,
     volume: Volume,
     bundle: BundleInfo,
     segmentation: Dataset | None = None,
