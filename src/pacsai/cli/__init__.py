@@ -1,0 +1,10 @@
+"""The ``pacsai`` command: one module per group of subcommands, registered on :data:`main`."""
+
+from __future__ import annotations
+
+from pacsai.cli import audit, db, demo, jobs, models, network, serve, tokens
+from pacsai.cli._common import main
+
+__all__ = ["main"]
+
+_COMMAND_MODULES = (audit, db, demo, jobs, models, network, serve, tokens)
