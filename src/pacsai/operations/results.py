@@ -1,6 +1,6 @@
-"""Response bodies shared by several routes, and their construction from database rows.
+"""Typed results shared by several operations (and the API's response bodies), built from rows.
 
-Responses carry patient IDs and accession numbers (worklists and RIS match on them) but never
+Results carry patient IDs and accession numbers (worklists and RIS match on them) but never
 patient names or birth dates.
 """
 
@@ -43,6 +43,7 @@ class Finding(_Out):
 class ResultObjectOut(_Out):
     """A DICOM object written for a result (SEG, SR or OVERLAY)."""
 
+    id: int
     kind: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -124,6 +125,7 @@ def result_out(result: Result, objects: list[ResultObject]) -> ResultOut:
         findings=findings_of(json.loads(result.summary)),
         objects=[
             ResultObjectOut(
+                id=obj.id,
                 kind=obj.kind,
                 sop_class_uid=obj.sop_class_uid,
                 sop_instance_uid=obj.sop_instance_uid,
