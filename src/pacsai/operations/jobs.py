@@ -8,7 +8,6 @@ event type 110132 Use of Restricted Function, in the transaction that makes it.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,10 +64,6 @@ class JobDetail(JobOut):
 
     patient_id: str | None
     accession_number: str | None
-    timings: dict[str, float] = Field(
-        description="Seconds per stage (route, load_model, volume, preprocessing, forward, "
-        "postprocessing, store, report...)"
-    )
     results: list[ResultOut]
     deliveries: list[DeliveryOut]
 
@@ -156,12 +151,10 @@ def get_job(database: Database, caller: Caller, job_id: int) -> JobDetail:
         study = session.get(Study, job.study_id)
         assert study is not None  # a foreign key
         results, deliveries = results_of(session, [job.id])
-    timings = json.loads(job.timings) if job.timings else {}
     detail = JobDetail(
         **job_out(job, study.study_instance_uid).model_dump(),
         patient_id=study.patient_id,
         accession_number=study.accession_number,
-        timings={str(k): float(v) for k, v in timings.items()},
         results=results,
         deliveries=deliveries,
     )

@@ -92,6 +92,11 @@ class JobOut(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     seconds: float | None = Field(description="From start to finish")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per stage (route, load_model, volume, preprocessing, forward, "
+        "postprocessing, store, report...)",
+    )
 
 
 def findings_of(summary: dict[str, Any]) -> list[Finding]:
@@ -171,4 +176,5 @@ def job_out(job: Job, study_instance_uid: str) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         seconds=seconds,
+        timings={str(k): float(v) for k, v in json.loads(job.timings or "{}").items()},
     )
