@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
@@ -50,6 +50,9 @@ from pacsai.operations import studies as study_operations
 from pacsai.operations import tokens as token_operations
 from pacsai.operations.overview import node_overview
 
+if TYPE_CHECKING:
+    from pacsai.inference import ModelRegistry
+
 __all__ = ["router"]
 
 log = logging.getLogger("pacsai.api.console")
@@ -83,9 +86,16 @@ _RETRY_MODES = {
 _NOTICES = {"retried": "Retry requested: the workers take it up at once."}
 
 
+def _registry(context: ApiContext) -> ModelRegistry:
+    """The node's model registry, scanned once per process when the node has none (a scan
+    hashes every bundle's weights)."""
+    if context.registry is None:
+        context.registry = model_operations.registry_of(context.settings, None)
+    return context.registry
+
+
 def _colors(context: ApiContext) -> dict[str, tuple[int, int, int]]:
-    registry = model_operations.registry_of(context.settings, context.registry)
-    context.registry = registry
+    registry = _registry(context)
     return {label.name: label.color for bundle in registry.bundles for label in bundle.labels}
 
 
@@ -206,14 +216,14 @@ def sign_out(request: Request, context: Context, user: Viewer, csrf_token: Csrf 
 @router.get("/overview")
 def overview(request: Request, context: Context, user: Viewer) -> Response:
     """The node at a glance; it refreshes itself (no patient data: not audited)."""
-    data = node_overview(context.database, context.settings, context.registry)
+    data = node_overview(context.database, context.settings, _registry(context))
     return render(request, "overview.html", user, overview=data)
 
 
 @router.get("/overview/panel")
 def overview_panel(request: Request, context: Context, user: Viewer) -> Response:
     """The overview's content alone, for its periodic refresh."""
-    data = node_overview(context.database, context.settings, context.registry)
+    data = node_overview(context.database, context.settings, _registry(context))
     return render(request, "_overview_panel.html", user, overview=data)
 
 
@@ -459,11 +469,10 @@ def models(
 ) -> Response:
     """Every bundle (version, weights checksum, device, labels and codes, state) and the
     routes; with a study UID, a dry run of the routing on that stored study (audited)."""
-    context.registry = model_operations.registry_of(context.settings, context.registry)
-    statuses = model_operations.model_statuses(context.settings, context.registry)
+    registry = _registry(context)
+    statuses = model_operations.model_statuses(context.settings, registry)
     from pacsai.inference.routing import routes_for
 
-    registry = context.registry
     routes = routes_for(context.settings, lambda: registry.bundles)
     plan = error = None
     try:
