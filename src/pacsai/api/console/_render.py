@@ -43,7 +43,16 @@ def _seconds(value: float | None) -> str:
     return f"{value:.2f} s" if value < 100 else f"{value:.0f} s"
 
 
+_UNITS = {"[hnsf'U]": "HU", "cm3": "cm³", "mm2": "mm²", "mm3": "mm³", "%": "%", "1": ""}
+
+
+def _unit(code: str | None) -> str:
+    """A UCUM unit code as people write it (``[hnsf'U]`` is HU)."""
+    return _UNITS.get(code or "", code or "")
+
+
 templates.env.filters["when"] = _when
+templates.env.filters["unit"] = _unit
 templates.env.filters["seconds"] = _seconds
 templates.env.globals["version"] = __version__
 
