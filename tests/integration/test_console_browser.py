@@ -190,6 +190,9 @@ def test_the_console_in_a_real_browser(
         assert re.search(r"\b1\s+studies received today", overview), overview
         assert "FAILED" in overview and "ct_abdomen_demo" in overview
         assert viewer.page.locator("nav a", has_text="Audit").count() == 0
+        with viewer.page.expect_response(re.compile(r".*/overview/panel$"), timeout=30_000) as got:
+            pass  # htmx refreshes the overview by itself
+        assert got.value.status == 200 and "studies received today" in got.value.text()
         viewer.shot("overview")
         viewer.shot("overview-top", full=False)
 
@@ -206,7 +209,9 @@ def test_the_console_in_a_real_browser(
         image.wait_for()
         assert image.evaluate("img => img.complete && img.naturalWidth > 0")
         viewer.shot("study")
-        viewer.page.locator("h2", has_text="Findings").scroll_into_view_if_needed()
+        viewer.page.locator("h2", has_text="Findings").evaluate(
+            "heading => heading.scrollIntoView({block: 'start'})"
+        )
         viewer.shot("study-findings", full=False)
 
         viewer.page.goto("/jobs")
