@@ -10,11 +10,13 @@ signed-in users of the console.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +24,15 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
+from pacsai._atomic import write_atomically
 from pacsai.config import Settings
 from pacsai.db import Database, Instance, ResultObject
 from pacsai.errors import PacsaiError
 from pacsai.operations.errors import ConflictError, NotFoundError
 
 __all__ = ["MeasurementRow", "read_object", "segmentation_previews", "sr_measurements"]
+
+log = logging.getLogger(__name__)
 
 _DRAWING = threading.Lock()  # one drawing at a time: each decodes a series
 
@@ -169,12 +174,29 @@ def sr_measurements(database: Database, settings: Settings, object_id: int) -> l
         If there is no such object.
     ConflictError
         If it is not an SR, or its file cannot be read as a TID 1500 report.
-    """
-    from pacsai.reporting.sr import read_measurements
 
+    The rows are kept beside the previews once read (reading a report takes most of a second).
+    """
     obj, _ = read_object(database, object_id)
     if obj.kind != "SR":
         raise ConflictError(f"result object {object_id} is a {obj.kind}, not an SR")
+    kept = Path(settings.storage.results_dir) / "previews" / f"{object_id}.measurements.json"
+    try:
+        return [MeasurementRow(**row) for row in json.loads(kept.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        pass  # not read yet (or unreadable): read the report again
+    rows = _read_measurements(settings, obj)
+    text = json.dumps([asdict(row) for row in rows]).encode("utf-8")
+    try:
+        write_atomically(kept, lambda handle: handle.write(text))
+    except OSError as exc:
+        log.warning("cannot keep the measurements of result object %d: %s", object_id, exc)
+    return rows
+
+
+def _read_measurements(settings: Settings, obj: ResultObject) -> list[MeasurementRow]:
+    from pacsai.reporting.sr import read_measurements
+
     report = _read(Path(settings.storage.results_dir) / obj.path, "SR")
     try:
         groups = read_measurements(report)
