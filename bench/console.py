@@ -20,27 +20,30 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
+from pacsai.config import Settings
+from pacsai.db import Job, JobStatus, TokenRole
+from pacsai.operations import Caller
+from pacsai.operations.tokens import create_token
+from pacsai.phantom import write_phantom
+from pacsai.scu import Target, push
+from pacsai.service import Node, configure_libraries
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.support import make_settings, wait_for  # noqa: E402
-
-from pacsai.db import Job, JobStatus, TokenRole  # noqa: E402
-from pacsai.operations import Caller  # noqa: E402
-from pacsai.operations.tokens import create_token  # noqa: E402
-from pacsai.phantom import write_phantom  # noqa: E402
-from pacsai.scu import Target, push  # noqa: E402
-from pacsai.service import Node, configure_libraries  # noqa: E402
-
 PAGES = ["/overview", "/overview/panel", "/studies", "/jobs", "/jobs/1", "/models", "/audit"]
 
 
 def main() -> None:
     configure_libraries()
     home = Path(tempfile.mkdtemp(prefix="pacsai-bench-console-"))
-    settings = make_settings(
-        home,
-        api={"enabled": True, "port": 0},
+    settings = Settings(
+        node={"host": "127.0.0.1", "port": 0, "study_quiet_seconds": 1.0},
+        storage={
+            "spool_dir": str(home / "spool"),
+            "results_dir": str(home / "results"),
+            "min_free_mb": 0,
+        },
+        database={"url": f"sqlite:///{home / 'pacsai.db'}"},
+        api={"enabled": True, "host": "127.0.0.1", "port": 0},
         queue={"local_workers": 1, "poll_seconds": 0.2},
         inference={"models_dir": str(REPO / "models"), "device": "cpu"},
     )
@@ -58,7 +61,11 @@ def main() -> None:
                 job = session.scalars(select(Job)).first()
                 return job is not None and job.status == JobStatus.SUCCEEDED
 
-        wait_for(done, timeout=600)
+        deadline = time.monotonic() + 600
+        while not done():
+            if time.monotonic() > deadline:
+                sys.exit("the job did not finish within 10 minutes")
+            time.sleep(0.2)
         client = httpx.Client(base_url=f"http://127.0.0.1:{node.api_port}", timeout=60)
         form = client.get("/sign-in").text
         nonce = re.search(r'name="nonce" value="([^"]+)"', form)
