@@ -8,6 +8,7 @@ environment.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -305,14 +306,33 @@ class Destination(_Section):
 
 
 class ApiSettings(_Section):
-    """The HTTP API (FastAPI), started by `pacsai serve` or alone by `pacsai api`."""
+    """The HTTP API (FastAPI) and the operator console, started by `pacsai serve` or alone by
+    `pacsai api`."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     open_health: bool = True  # /healthz and /readyz without a token
     open_metrics: bool = False  # /metrics without a token
+    open_docs: bool = True  # /api/v1/docs and /api/v1/openapi.json without a token
     page_size: int = Field(default=50, ge=1, le=1000)  # default page size; `limit` may ask more
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or
+    # networks); empty: the address recorded is always the connecting peer's.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    session_idle_minutes: float = Field(default=15.0, gt=0)  # console sign-in ends when idle
+    session_max_hours: float = Field(default=12.0, gt=0)  # and at the latest after this long
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+                ) from exc
+        return value
 
 
 class SyslogSettings(_Section):

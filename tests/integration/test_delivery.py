@@ -12,14 +12,18 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from pacsai.db import AuditEvent, Delivery, DeliveryStatus, Job, JobStatus, ResultObject, utcnow
-from pacsai.db.jobs import retry_jobs
+from pacsai.db import AuditEvent, Delivery, DeliveryStatus, Job, JobStatus, ResultObject
+from pacsai.operations import Caller
+from pacsai.operations.jobs import RetryOptions, retry_job
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
 from tests.support import REPO, db_rows, free_port, start_storescp, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
+
+
+ADMIN = Caller("cli:test-admin", None, {"command": "jobs retry"})
 
 
 def _rows(node: Node, model: type[Any], *where: Any) -> list[Any]:
@@ -118,10 +122,9 @@ def test_destination_down_retries_then_fails_and_an_admin_retry_delivers_once(
 
     storescp = start_storescp(tmp_path / "pacs", port)
     try:
-        with node.database.transaction() as session:
-            job_ids = [job.id for job in _rows(node, Job)]
-            messages = retry_jobs(session=session, job_ids=job_ids, now=utcnow())
-        assert "pending again" in next(iter(messages.values()))
+        (job,) = _rows(node, Job)
+        outcome = retry_job(node.database, ADMIN, job.id)
+        assert "pending again" in outcome.message
         assert node.deliveries is not None
         node.deliveries.notify()
         (delivery,) = wait_for(
@@ -167,8 +170,7 @@ def test_a_rerun_sends_nothing_twice_unless_asked(
     first_uids = {o.sop_instance_uid for o in _rows(node, ResultObject)}
 
     def rerun(**flags: bool) -> None:
-        with node.database.transaction() as session:
-            retry_jobs(session=session, job_ids=[job.id], now=utcnow(), rerun=True, **flags)
+        retry_job(node.database, ADMIN, job.id, RetryOptions(rerun=True, **flags))
         node.workers.notify()  # type: ignore[union-attr]
         wait_for(
             lambda: (

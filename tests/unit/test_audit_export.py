@@ -30,6 +30,7 @@ from pacsai.db.audit_export import (
     export_dicom_xml,
     export_jsonl,
     export_records,
+    neutralise_cell,
 )
 from pacsai.db.audit_query import (
     AuditFilter,
@@ -446,6 +447,80 @@ def test_csv_quotes_what_needs_quoting_and_keeps_the_hashed_text() -> None:
     for row, record in zip(rows, records, strict=True):
         data: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
         assert row_digest(_reparsed(data)) == record.row_hash
+
+
+FORMULAS = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "\uff1d1+1"]
+
+
+def test_csv_neutralises_formulas_by_default_and_raw_keeps_them_for_hash_checks() -> None:
+    hostile = [
+        {
+            **TRANSFER,
+            "actor": formula,
+            "patient_id": formula,
+            "remote_address": formula[:20],
+            "detail": {"SeriesDescription": formula},
+        }
+        for formula in FORMULAS
+    ]
+    records = chain(*hostile)
+
+    safe = list(csv.DictReader(io.StringIO("".join(export_csv(records)), newline="")))
+    raw = list(csv.DictReader(io.StringIO("".join(export_csv(records, raw=True)), newline="")))
+
+    for row, formula in zip(safe, FORMULAS, strict=True):
+        for column in ("actor", "patient_id", "remote_address"):
+            assert row[column].startswith("'") and row[column][1:].startswith(formula[:20])
+            assert row[column][0] not in "=+-@\t\r"
+        assert row["detail"].startswith("{")  # JSON is never a formula
+        assert row["id"].isdigit() and row["outcome"] == "0"  # numbers stay numbers
+    for row, record in zip(raw, records, strict=True):
+        assert row["actor"] == record.actor
+        data: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
+        assert row_digest(_reparsed(data)) == record.row_hash
+    via = "".join(export_records(records, "csv", audit_source_id=NODE, raw_csv=True))
+    assert via == "".join(export_csv(records, raw=True))
+    assert neutralise_cell("plain") == "plain" and neutralise_cell("a=b") == "a=b"
+
+
+CONTROLS = "".join(chr(c) for c in range(32)) + "\x7f\ud800\ufffe\uffff"
+
+
+def test_the_xml_export_stays_well_formed_whatever_any_column_holds() -> None:
+    """Control characters, markup and lone surrogates in every text column, the coded ones
+    included (a tampered row must still export as a document that names it)."""
+    hostile = f'{CONTROLS}"><x a="1"/>&amp;<!--'
+    rows = [
+        {
+            **kind,
+            "actor": hostile,
+            "remote_address": hostile,
+            "study_instance_uid": hostile,
+            "patient_id": hostile,
+            "model_name": hostile,
+            "model_version": hostile,
+            "detail": {"destination": hostile, "reason": hostile, "uri": hostile},
+        }
+        for kind in ALL_KINDS
+    ]
+    records = [
+        replace(record, event_id=record.event_id + hostile, event_type=hostile, action=hostile)
+        for record in chain(*rows)
+    ]
+
+    document = "".join(export_dicom_xml(records, audit_source_id=hostile))
+    root = ET.fromstring(document)
+
+    assert root.tag == "AuditMessages" and len(root) == len(records)
+    assert root.find(".//x") is None
+    for message in root:
+        for element in message.iter():
+            for value in element.attrib.values():
+                assert not any(ord(c) < 32 and c not in "\t\n\r" for c in value)
+    single = audit_message_xml(records[0], audit_source_id=hostile)
+    assert ET.fromstring(single).tag == "AuditMessage"
+    for line in "".join(export_jsonl(records)).splitlines():
+        assert json.loads(line)["actor"] == records[0].actor  # JSON escapes, one line per row
 
 
 def test_export_records_dispatches_and_refuses_unknown_formats() -> None:

@@ -1,5 +1,6 @@
 """What every route reaches through the application: settings, database, probes; and the audit
-of reads."""
+events of the API's own (authentication refusals). Reads and changes are audited by the
+operations they call (:mod:`pacsai.operations`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pacsai.db import append_event as _append_event
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from pacsai.api.auth import Principal
     from pacsai.inference import ModelRegistry
 
 __all__ = [
@@ -25,8 +25,6 @@ __all__ = [
     "QueueProbe",
     "api_context",
     "audit",
-    "audit_list",
-    "audit_read",
     "remote_address",
 ]
 
@@ -87,51 +85,3 @@ def audit(
             patient_id=patient_id,
             detail=detail,
         )
-
-
-def audit_read(
-    context: ApiContext,
-    principal: Principal,
-    route: str,
-    *,
-    study_instance_uid: str,
-    patient_id: str | None,
-    **detail: Any,
-) -> None:
-    """Audit the read of one study's data (110112 Query) by `principal`."""
-    audit(
-        context,
-        actor=principal.actor,
-        remote=principal.remote_address,
-        study_instance_uid=study_instance_uid,
-        patient_id=patient_id,
-        detail={"route": route, **detail},
-    )
-
-
-def audit_list(
-    context: ApiContext,
-    principal: Principal,
-    route: str,
-    filters: dict[str, Any],
-    studies: list[tuple[str, str | None]],
-) -> None:
-    """Audit a list read: its filters and the (study UID, patient ID) of every study returned.
-
-    When one study was returned, the event names it and its patient.
-    """
-    uids = sorted({uid for uid, _ in studies})
-    single = studies[0] if len(uids) == 1 else (None, None)
-    audit(
-        context,
-        actor=principal.actor,
-        remote=principal.remote_address,
-        study_instance_uid=single[0],
-        patient_id=single[1],
-        detail={
-            "route": route,
-            "filters": {k: v for k, v in filters.items() if v is not None},
-            "returned": len(studies),
-            "studies": uids,
-        },
-    )

@@ -9,9 +9,11 @@ from fastapi import FastAPI
 from pacsai import __version__
 from pacsai.api import audit, jobs, studies, tokens, worklist
 from pacsai.api._context import ApiContext, Notify, QueueProbe
+from pacsai.api.console import install_console
 from pacsai.api.health import health_router
 from pacsai.api.metrics import metrics_router, new_registry
 from pacsai.api.problems import ProblemGuard, install_problem_handlers
+from pacsai.api.security import install_security
 from pacsai.config import Settings
 from pacsai.db import Database
 
@@ -39,13 +41,14 @@ def create_app(
     queue_probe: QueueProbe | None = None,
     on_retry: Notify | None = None,
 ) -> FastAPI:
-    """The HTTP API of one node.
+    """The HTTP API of one node, with the operator console at ``/``.
 
     Parameters
     ----------
     settings
-        The node's settings (``api:`` for page size and open health/metrics, ``routes:`` for
-        priority rules, ``storage:`` and ``inference:`` for readiness).
+        The node's settings (``api:`` for page size, open health/metrics/docs, trusted proxies
+        and console sessions, ``routes:`` for priority rules, ``storage:`` and ``inference:``
+        for readiness, previews and the models page).
     database
         The node's database; the API reads it and appends audit events to it.
     registry
@@ -61,8 +64,9 @@ def create_app(
         title="pacsai",
         version=__version__,
         description=_DESCRIPTION,
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        # Served by the console's documentation routes: offline assets, api.open_docs.
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.pacsai = ApiContext(
@@ -75,6 +79,7 @@ def create_app(
     )
     install_problem_handlers(app)
     app.add_middleware(ProblemGuard)
+    install_security(app, settings.api.trusted_proxies)
     routers = [
         studies.router,
         jobs.router,
@@ -86,4 +91,5 @@ def create_app(
     ]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    install_console(app, open_docs=settings.api.open_docs)
     return app

@@ -25,17 +25,10 @@ from pacsai.api._params import (
 )
 from pacsai.api.auth import Principal, require_role
 from pacsai.api.problems import ApiProblem, problem_responses
-from pacsai.db import AuditOutcome, verify_chain
+from pacsai.db import AuditOutcome
 from pacsai.db.audit_export import EVENT_ID_MEANINGS, export_csv
-from pacsai.db.audit_query import (
-    AuditFilter,
-    AuditQueryError,
-    AuditRecord,
-    chain_head,
-    query_events,
-    record_audit_use,
-    record_verification,
-)
+from pacsai.db.audit_query import AuditFilter, AuditQueryError, AuditRecord
+from pacsai.operations.audit import query_audit, verify_audit
 
 __all__ = ["AuditEventOut", "AuditPage", "ChainVerification", "router"]
 
@@ -139,6 +132,13 @@ def list_audit_events(
     fmt: Annotated[
         Literal["json", "csv"], Query(alias="format", description="json (default) or csv")
     ] = "json",
+    raw: Annotated[
+        bool,
+        Query(
+            description="CSV: values exactly as stored, to check the hashes (by default a value "
+            "a spreadsheet would run as a formula gets a leading ')"
+        ),
+    ] = False,
 ) -> Any:
     """Audit events matching every filter given; ``next_cursor`` pages on (stable under inserts).
 
@@ -157,30 +157,23 @@ def list_audit_events(
             since=to_utc(since, "since"),
             until=to_utc(until, "until"),
         )
-        with context.database.reading() as session:
-            page = query_events(session=session, filters=filters, limit=size, cursor=cursor)
     except AuditQueryError as exc:
         raise ApiProblem(422, "validation", str(exc)) from None
-    with context.database.transaction() as session:
-        record_audit_use(
-            session=session,
-            actor=principal.actor,
-            remote_address=principal.remote_address,
-            filters=filters,
-            detail={
-                "route": "GET /audit",
-                "uri": request.url.path,
-                "format": fmt,
-                "returned": len(page.records),
-                "first_id": page.records[0].id if page.records else None,
-                "last_id": page.records[-1].id if page.records else None,
-            },
-        )
+    page = query_audit(
+        context.database,
+        principal.caller("GET /audit"),
+        filters,
+        limit=size,
+        cursor=cursor,
+        uri=request.url.path,
+        format=fmt,
+        raw=raw if fmt == "csv" else None,
+    )
     if fmt == "csv":
         headers = {"Content-Disposition": 'attachment; filename="pacsai-audit.csv"'}
         if page.next_cursor is not None:
             headers["X-Next-Cursor"] = page.next_cursor
-        chunks: Iterator[str] = export_csv(page.records)
+        chunks: Iterator[str] = export_csv(page.records, raw=raw)
         return StreamingResponse(chunks, media_type="text/csv; charset=utf-8", headers=headers)
     return AuditPage(
         items=[_event_out(record) for record in page.records], next_cursor=page.next_cursor
@@ -203,22 +196,14 @@ def verify_audit_chain(
     A broken chain is answered 200 with ``intact: false``, and recorded as a 110113 Security
     Alert besides the 110101 Audit Log Used event every verification records.
     """
-    with context.database.reading() as session:
-        head = chain_head(session=session)  # first: every row up to it is verified below
-        report = verify_chain(session=session)
-    with context.database.transaction() as session:
-        record_verification(
-            session=session,
-            report=report,
-            actor=principal.actor,
-            remote_address=principal.remote_address,
-            detail={"route": "GET /audit/verify", "uri": request.url.path},
-        )
+    report = verify_audit(
+        context.database, principal.caller("GET /audit/verify", uri=request.url.path)
+    )
     return ChainVerification(
         intact=report.intact,
         rows_checked=report.rows_checked,
         first_bad_id=report.first_bad_id,
         problem=report.problem,
-        head_id=None if head is None else head[0],
-        head_hash=None if head is None else head[1],
+        head_id=report.head_id,
+        head_hash=report.head_hash,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,6 +25,7 @@ from pacsai.api._context import ApiContext, api_context, audit, remote_address
 from pacsai.api.problems import ApiProblem
 from pacsai.db import AuditEventId, AuditEventType, AuditOutcome, TokenRole, utcnow
 from pacsai.db.tokens import TOUCH_EVERY, find_token, touch_token
+from pacsai.operations import Caller
 
 __all__ = ["ROLE_RANK", "Principal", "TokenRole", "bearer_scheme", "require_role"]
 
@@ -52,6 +53,11 @@ class Principal:
     def actor(self) -> str:
         """The actor recorded in audit events: ``api:<token name>``."""
         return f"api:{self.name}"
+
+    def caller(self, route: str, **origin: Any) -> Caller:
+        """The :class:`~pacsai.operations.Caller` of an operation run for this principal from
+        ``route`` (recorded in its audit event's detail, with ``origin``)."""
+        return Caller(self.actor, self.remote_address, {"route": route, **origin})
 
 
 def _unauthorized(detail: str, *, invalid: bool) -> ApiProblem:

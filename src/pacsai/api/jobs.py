@@ -1,85 +1,27 @@
-"""``GET /jobs``, ``GET /jobs/{id}`` (viewer) and ``POST /jobs/{id}/retry`` (admin)."""
+"""``GET /jobs``, ``GET /jobs/{id}`` (viewer) and ``POST /jobs/{id}/retry`` (admin), answered
+by :mod:`pacsai.operations.jobs`."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
-from pacsai.api._context import ApiContext, api_context, audit_list, audit_read
-from pacsai.api._params import (
-    CursorParam,
-    JobIdPath,
-    LimitParam,
-    StudyUidQuery,
-    decode_cursor,
-    encode_cursor,
-    page_limit,
-)
+from pacsai.api._context import ApiContext, api_context
+from pacsai.api._params import CursorParam, JobIdPath, LimitParam, StudyUidQuery, page_limit
 from pacsai.api.auth import Principal, require_role
-from pacsai.api.problems import ApiProblem, problem_responses
-from pacsai.api.schemas import DeliveryOut, JobOut, ResultOut, job_out
-from pacsai.api.studies import results_of
-from pacsai.db import (
-    AuditAction,
-    AuditEventId,
-    AuditEventType,
-    AuditOutcome,
-    Delivery,
-    DeliveryStatus,
-    Job,
-    JobStatus,
-    Result,
-    Study,
-    append_event,
-    utcnow,
-)
-from pacsai.db.jobs import retry_jobs
+from pacsai.api.problems import problem_responses
+from pacsai.db import JobStatus
+from pacsai.operations import jobs as operations
+from pacsai.operations.jobs import JobDetail, JobPage, RetryOptions, RetryOutcome
 
 __all__ = ["JobDetail", "JobPage", "RetryOutcome", "RetryRequest", "router"]
 
 router = APIRouter(tags=["jobs"])
 
 
-class JobPage(BaseModel):
-    """A page of jobs, newest first."""
-
-    items: list[JobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last")
-
-
-class JobDetail(JobOut):
-    """A job with its per-stage timings, results and deliveries."""
-
-    patient_id: str | None
-    accession_number: str | None
-    timings: dict[str, float] = Field(
-        description="Seconds per stage (route, load_model, volume, preprocessing, forward, "
-        "postprocessing, store, report...)"
-    )
-    results: list[ResultOut]
-    deliveries: list[DeliveryOut]
-
-
-class RetryRequest(BaseModel):
+class RetryRequest(RetryOptions):
     """What to retry; with no flag, failed deliveries and a failed or skipped job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rerun: bool = Field(default=False, description="Run the models again even if it succeeded")
-    resend: bool = Field(default=False, description="Send results even where they arrived")
-    new_uids: bool = Field(default=False, description="Run again, results under new UIDs")
-
-
-class RetryOutcome(BaseModel):
-    """What the retry did."""
-
-    job_id: int
-    status: JobStatus
-    message: str
 
 
 @router.get(
@@ -96,29 +38,16 @@ def list_jobs(
     limit: LimitParam = None,
     cursor: CursorParam = None,
 ) -> JobPage:
-    """Jobs matching every filter given; ``next_cursor`` pages on (stable under inserts)."""
-    after = decode_cursor(cursor)
-    size = page_limit(limit, context.settings.api.page_size)
-    query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if study_uid is not None:
-        query = query.where(Study.study_instance_uid == study_uid)
-    if after is not None:
-        query = query.where(Job.id < after)
-    with context.database.reading() as session:
-        rows = list(session.execute(query.order_by(Job.id.desc()).limit(size + 1)))
-    more = len(rows) > size
-    rows = rows[:size]
-    items = [job_out(job, uid) for job, uid in rows]
-    audit_list(
-        context,
-        principal,
-        "GET /jobs",
-        {"status": status, "study_uid": study_uid, "cursor": cursor, "limit": size},
-        [(item.study_instance_uid, None) for item in items],
+    """Jobs matching every filter given, with their results and deliveries; ``next_cursor``
+    pages on (stable under inserts)."""
+    return operations.list_jobs(
+        context.database,
+        principal.caller("GET /jobs"),
+        status=status,
+        study_instance_uid=study_uid,
+        limit=page_limit(limit, context.settings.api.page_size),
+        cursor=cursor,
     )
-    return JobPage(items=items, next_cursor=encode_cursor(rows[-1][0].id) if more else None)
 
 
 @router.get(
@@ -133,31 +62,7 @@ def get_job(
     context: Annotated[ApiContext, Depends(api_context)],
 ) -> JobDetail:
     """A job: its state, error or reason, per-stage timings, results and deliveries."""
-    with context.database.reading() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise ApiProblem(404, "not-found", f"no job {job_id} on this node")
-        study = session.get(Study, job.study_id)
-        assert study is not None  # a foreign key
-        results, deliveries = results_of(session, [job.id])
-    timings = json.loads(job.timings) if job.timings else {}
-    detail = JobDetail(
-        **job_out(job, study.study_instance_uid).model_dump(),
-        patient_id=study.patient_id,
-        accession_number=study.accession_number,
-        timings={str(k): float(v) for k, v in timings.items()},
-        results=results,
-        deliveries=deliveries,
-    )
-    audit_read(
-        context,
-        principal,
-        "GET /jobs/{job_id}",
-        study_instance_uid=study.study_instance_uid,
-        patient_id=study.patient_id,
-        job_id=job_id,
-    )
-    return detail
+    return operations.get_job(context.database, principal.caller("GET /jobs/{job_id}"), job_id)
 
 
 @router.post(
@@ -177,56 +82,9 @@ def retry_job(
     409 when the job is queued or running, or when nothing of it failed and neither ``rerun``
     nor ``new_uids`` was asked.
     """
-    flags = request or RetryRequest()
-    with context.database.transaction() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise ApiProblem(404, "not-found", f"no job {job_id} on this node")
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            raise ApiProblem(409, "conflict", f"job {job_id} is {job.status.value}; wait for it")
-        failed_deliveries = session.scalar(
-            select(Delivery.id)
-            .join(Result, Result.id == Delivery.result_id)
-            .where(Result.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
-            .limit(1)
-        )
-        if (
-            job.status == JobStatus.SUCCEEDED
-            and failed_deliveries is None
-            and not (flags.rerun or flags.new_uids)
-        ):
-            raise ApiProblem(
-                409,
-                "conflict",
-                f"job {job_id} succeeded and none of its deliveries failed; "
-                'ask {"rerun": true} to run it again',
-            )
-        study = session.get(Study, job.study_id)
-        messages = retry_jobs(
-            session=session,
-            job_ids=[job_id],
-            now=utcnow(),
-            rerun=flags.rerun,
-            resend=flags.resend,
-            new_uids=flags.new_uids,
-        )
-        append_event(
-            session=session,
-            event_id=AuditEventId.APPLICATION_ACTIVITY,
-            event_type=AuditEventType.USE_OF_RESTRICTED_FUNCTION,
-            action=AuditAction.EXECUTE,
-            outcome=AuditOutcome.SUCCESS,
-            actor=principal.actor,
-            remote_address=principal.remote_address,
-            study_instance_uid=study.study_instance_uid if study else None,
-            patient_id=study.patient_id if study else None,
-            detail={
-                "route": "POST /jobs/{job_id}/retry",
-                "jobs": messages,
-                **flags.model_dump(),
-            },
-        )
-        status = job.status
+    outcome = operations.retry_job(
+        context.database, principal.caller("POST /jobs/{job_id}/retry"), job_id, request
+    )
     if context.on_retry is not None:
         context.on_retry()
-    return RetryOutcome(job_id=job_id, status=status, message=messages[job_id])
+    return outcome

@@ -22,6 +22,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pacsai.operations.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    OperationError,
+)
+
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
     "ApiProblem",
@@ -29,6 +36,7 @@ __all__ = [
     "ProblemGuard",
     "ValidationIssue",
     "install_problem_handlers",
+    "operation_problem",
     "problem_responses",
 ]
 
@@ -164,9 +172,27 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def operation_problem(exc: OperationError) -> ApiProblem:
+    """The problem of an operation's refusal: 404 not found, 409 conflict, 422 invalid."""
+    if isinstance(exc, NotFoundError):
+        return ApiProblem(404, "not-found", str(exc))
+    if isinstance(exc, ConflictError):
+        return ApiProblem(409, "conflict", str(exc))
+    if isinstance(exc, InvalidRequestError):
+        return ApiProblem(422, "validation", str(exc))
+    return ApiProblem(400, "bad-request", str(exc))
+
+
+def _operation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OperationError)
+    return _api_problem(request, operation_problem(exc))
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    """Answer pacsai's problems, HTTP errors and validation errors as problem details."""
+    """Answer pacsai's problems, operations' refusals, HTTP errors and validation errors as
+    problem details."""
     app.add_exception_handler(ApiProblem, _api_problem)
+    app.add_exception_handler(OperationError, _operation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
 

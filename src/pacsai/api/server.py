@@ -84,6 +84,9 @@ class ApiServer:
             lifespan="off",
             timeout_graceful_shutdown=5,
             server_header=False,
+            # Forwarded headers are believed from api.trusted_proxies only, by the application
+            # itself (pacsai.api.security); uvicorn would believe them from 127.0.0.1.
+            proxy_headers=False,
         )
         self._server = uvicorn.Server(config)
         server, sock = self._server, self._socket

@@ -17,23 +17,23 @@ from pydantic import BaseModel, Field
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from pacsai.api._context import ApiContext, api_context, audit_list
+from pacsai.api._context import ApiContext, api_context
 from pacsai.api._params import (
     CursorParam,
     LimitParam,
     StudyUidQuery,
-    decode_cursor,
-    encode_cursor,
     page_limit,
     text_query,
     to_utc,
 )
 from pacsai.api.auth import Principal, require_role
 from pacsai.api.problems import ApiProblem, problem_responses
-from pacsai.api.schemas import Finding, ResultOut
-from pacsai.api.studies import results_of
 from pacsai.config import PriorityRule, Route
 from pacsai.db import Job, JobStatus, Study
+from pacsai.operations._audit import record_list
+from pacsai.operations._paging import decode_cursor, encode_cursor
+from pacsai.operations.results import Finding, ResultOut
+from pacsai.operations.studies import results_of
 
 __all__ = ["WorklistFinding", "WorklistPage", "WorklistStudy", "priority_reasons", "router"]
 
@@ -225,10 +225,9 @@ def worklist_results(
         for study in studies
         if study.id in shown  # a job retried between the two queries: shown on the next poll
     ]
-    audit_list(
-        context,
-        principal,
-        "GET /worklist-results",
+    record_list(
+        context.database,
+        principal.caller("GET /worklist-results"),
         {
             "accession": accession,
             "study_uid": study_uid,

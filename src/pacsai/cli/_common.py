@@ -20,9 +20,11 @@ from pacsai.errors import ConfigError, PacsaiError
 
 if TYPE_CHECKING:
     from pacsai.db import Database
+    from pacsai.operations import Caller
 
 __all__ = [
     "cli_actor",
+    "cli_caller",
     "config_option",
     "friendly",
     "load",
@@ -88,6 +90,13 @@ def cli_actor() -> str:
     except (OSError, KeyError):  # no login name and no passwd entry (some containers)
         user = f"uid{os.getuid()}"
     return f"cli:{user}"
+
+
+def cli_caller(command: str) -> Caller:
+    """The :class:`~pacsai.operations.Caller` of an operation run by ``pacsai <command>``."""
+    from pacsai.operations import Caller
+
+    return Caller(cli_actor(), None, {"command": command})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

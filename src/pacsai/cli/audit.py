@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pacsai.cli._common import cli_actor, config_option, friendly, load, main, open_database
+from pacsai.cli._common import cli_caller, config_option, friendly, load, main, open_database
 from pacsai.errors import PacsaiError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,6 +71,14 @@ def _audit_filter(values: dict[str, Any]) -> Any:
     )
 
 
+_raw_option = click.option(
+    "--raw",
+    is_flag=True,
+    help="CSV: write values exactly as stored, to check the hashes. By default a value that a "
+    "spreadsheet would run as a formula (starting with = + - @, tab or CR) gets a leading '.",
+)
+
+
 @audit.command("verify")
 @click.option(
     "--expect-head",
@@ -81,8 +89,7 @@ def _audit_filter(values: dict[str, Any]) -> Any:
 @friendly
 def audit_verify(expect_head: str | None, config_path: Path | None) -> None:
     """Walk the whole hash chain; exit 1 and name the first bad row if it is broken."""
-    from pacsai.db import AuditEvent, verify_chain
-    from pacsai.db.audit_query import chain_head, record_verification
+    from pacsai.operations.audit import verify_audit
 
     expected: tuple[int, str] | None = None
     if expect_head is not None:
@@ -94,39 +101,21 @@ def audit_verify(expect_head: str | None, config_path: Path | None) -> None:
         expected = (int(row_id), row_hash.lower())
     database = open_database(load(config_path))
     try:
-        with database.reading() as session:
-            head = chain_head(session=session)
-            report = verify_chain(session=session)
-            anchor = None if expected is None else session.get(AuditEvent, expected[0])
-            anchor_hash = None if anchor is None else anchor.row_hash
-        with database.transaction() as session:
-            record_verification(
-                session=session,
-                report=report,
-                actor=cli_actor(),
-                remote_address=None,
-                detail={"command": "audit verify", "expect_head": expect_head},
-            )
+        report = verify_audit(
+            database,
+            cli_caller("audit verify"),
+            expect_head=expected,
+        )
     finally:
         database.dispose()
-    problems: list[str] = []
-    if not report.intact:
-        problems.append(f"audit trail BROKEN at row {report.first_bad_id}: {report.problem}")
-    if expected is not None:
-        if anchor_hash is None:
-            problems.append(
-                f"row {expected[0]} (the expected head) is gone: the newest rows were deleted"
-            )
-        elif anchor_hash != expected[1]:
-            problems.append(f"row {expected[0]} no longer has the expected hash: it was rewritten")
-    if problems:
-        for problem in problems:
+    if not report.ok:
+        for problem in report.problems:
             click.echo(problem, err=True)
         click.echo(f"{report.rows_checked} rows verified before the first problem")
         sys.exit(1)
     click.echo(f"audit trail intact: {report.rows_checked} rows verified")
-    if head is not None:
-        click.echo(f"newest row: {head[0]}:{head[1]}  (keep it for --expect-head)")
+    if report.head_id is not None:
+        click.echo(f"newest row: {report.head_id}:{report.head_hash}  (keep it for --expect-head)")
 
 
 @audit.command("query")
@@ -143,34 +132,39 @@ def audit_verify(expect_head: str | None, config_path: Path | None) -> None:
     show_default=True,
     help="How to print the page.",
 )
+@_raw_option
 @config_option
 @friendly
 def audit_query(
-    limit: int, cursor: str | None, fmt: str, config_path: Path | None, **filters: Any
+    limit: int,
+    cursor: str | None,
+    fmt: str,
+    raw: bool,
+    config_path: Path | None,
+    **filters: Any,
 ) -> None:
     """Show audit events, newest first, filtered like GET /audit."""
     from pacsai.db.audit_export import EVENT_ID_MEANINGS, export_csv, export_jsonl
-    from pacsai.db.audit_query import query_events, record_audit_use
+    from pacsai.operations.audit import query_audit
 
     audit_filter = _audit_filter(filters)
     database = open_database(load(config_path))
     try:
-        with database.reading() as session:
-            page = query_events(session=session, filters=audit_filter, limit=limit, cursor=cursor)
-        with database.transaction() as session:
-            record_audit_use(
-                session=session,
-                actor=cli_actor(),
-                remote_address=None,
-                filters=audit_filter,
-                detail={"command": "audit query", "format": fmt, "returned": len(page.records)},
-            )
+        page = query_audit(
+            database,
+            cli_caller("audit query"),
+            audit_filter,
+            limit=limit,
+            cursor=cursor,
+            format=fmt,
+            raw=raw if fmt == "csv" else None,
+        )
     finally:
         database.dispose()
     if fmt == "jsonl":
         click.echo("".join(export_jsonl(page.records)), nl=False)
     elif fmt == "csv":
-        click.echo("".join(export_csv(page.records)), nl=False)
+        click.echo("".join(export_csv(page.records, raw=raw)), nl=False)
     else:
         table = Table(title="Audit events (newest first)")
         for column in ("id", "time (UTC)", "event", "action", "outcome", "actor", "remote"):
@@ -212,69 +206,48 @@ def audit_query(
     default=None,
     help="Write to this file (replaced only once complete) instead of standard output.",
 )
+@_raw_option
 @config_option
 @friendly
-def audit_export(fmt: str, out: Path | None, config_path: Path | None, **filters: Any) -> None:
+def audit_export(
+    fmt: str, out: Path | None, raw: bool, config_path: Path | None, **filters: Any
+) -> None:
     """Export every matching audit event, oldest first, streamed (any number of rows)."""
     import os
     import tempfile
 
-    from pacsai.db import AuditOutcome
-    from pacsai.db.audit_export import export_records
-    from pacsai.db.audit_query import iter_records, record_audit_use
+    from pacsai.operations.audit import audit_export as open_export
 
     audit_filter = _audit_filter(filters)
     settings = load(config_path)
     database = open_database(settings)
-    count = 0
-
-    def counted(records: Any) -> Any:
-        nonlocal count
-        for record in records:
-            count += 1
-            yield record
-
     temporary: Path | None = None
-    completed = False
     try:
-        with database.reading() as session:
-            chunks = export_records(
-                counted(iter_records(session=session, filters=audit_filter)),
-                fmt,  # type: ignore[arg-type]
-                audit_source_id=settings.node.ae_title,
-            )
+        with open_export(
+            database,
+            cli_caller("audit export"),
+            audit_filter,
+            fmt,  # type: ignore[arg-type]
+            audit_source_id=settings.node.ae_title,
+            raw_csv=raw,
+            out=str(out) if out is not None else "stdout",
+        ) as export:
             if out is None:
-                sys.stdout.writelines(chunks)
+                sys.stdout.writelines(export.chunks)
                 sys.stdout.flush()
             else:
                 handle, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
                 temporary = Path(name)
                 with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-                    stream.writelines(chunks)
+                    stream.writelines(export.chunks)
                 temporary.replace(out)
                 temporary = None
-        completed = True
+            count = export.rows
     except OSError as exc:
         raise PacsaiError(f"cannot write the export: {exc}") from exc
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
-        try:
-            with database.transaction() as session:
-                record_audit_use(
-                    session=session,
-                    actor=cli_actor(),
-                    remote_address=None,
-                    filters=audit_filter,
-                    outcome=AuditOutcome.SUCCESS if completed else AuditOutcome.SERIOUS_FAILURE,
-                    detail={
-                        "command": "audit export",
-                        "format": fmt,
-                        "rows": count,
-                        "out": str(out) if out is not None else "stdout",
-                    },
-                )
-        finally:
-            database.dispose()
+        database.dispose()
     if out is not None:
         click.echo(f"{count} audit events written to {out}", err=True)

@@ -1,37 +1,20 @@
-"""`pacsai token create|list|revoke`: bearer tokens of the HTTP API."""
+"""`pacsai token create|list|revoke`: bearer tokens of the HTTP API and the console."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from pacsai.cli._common import cli_actor, config_option, friendly, load, main, open_database
-from pacsai.errors import PacsaiError
+from pacsai.cli._common import cli_caller, config_option, friendly, load, main, open_database
 
 
 @main.group()
 def token() -> None:
     """Bearer tokens of the HTTP API (stored hashed; each shown once, when created)."""
-
-
-def _audit_token_change(session: Any, detail: dict[str, Any]) -> None:
-    """Record a token's creation or revocation: 110113 Security Alert, 110132 Use of
-    Restricted Function, by the OS user who ran the command."""
-    from pacsai.db import AuditAction, AuditEventId, AuditEventType, AuditOutcome, append_event
-
-    append_event(
-        session=session,
-        event_id=AuditEventId.SECURITY_ALERT,
-        event_type=AuditEventType.USE_OF_RESTRICTED_FUNCTION,
-        action=AuditAction.EXECUTE,
-        outcome=AuditOutcome.SUCCESS,
-        actor=cli_actor(),
-        detail=detail,
-    )
 
 
 @token.command("create")
@@ -47,25 +30,21 @@ def _audit_token_change(session: Any, detail: dict[str, Any]) -> None:
 @friendly
 def token_create(role: str, name: str, config_path: Path | None) -> None:
     """Create a token; it is printed once, alone on the last line of the output."""
-    from pacsai.db import TokenRole, utcnow
-    from pacsai.db.tokens import create_token
+    from pacsai.db import TokenRole
+    from pacsai.operations.tokens import create_token
 
     database = open_database(load(config_path))
-    with database.transaction() as session:
-        try:
-            row, secret = create_token(
-                session=session, name=name, role=TokenRole(role), now=utcnow()
-            )
-        except ValueError as exc:
-            raise PacsaiError(str(exc)) from exc
-        token_id = row.id
-        _audit_token_change(
-            session, {"command": "token create", "token_id": token_id, "name": name, "role": role}
+    try:
+        created = create_token(
+            database, cli_caller("token create"), name=name, role=TokenRole(role)
         )
-    database.dispose()
-    click.echo(f"token {name!r} (id {token_id}, role {role}) created; keep it now, it is not")
+    finally:
+        database.dispose()
+    click.echo(
+        f"token {name!r} (id {created.token.id}, role {role}) created; keep it now, it is not"
+    )
     click.echo("stored and cannot be shown again. Use it as: Authorization: Bearer <token>")
-    click.echo(secret)
+    click.echo(created.secret)
 
 
 @token.command("list")
@@ -73,17 +52,18 @@ def token_create(role: str, name: str, config_path: Path | None) -> None:
 @friendly
 def token_list(config_path: Path | None) -> None:
     """Show every token: name, role, when created, last used and revoked (never secrets)."""
-    from pacsai.db.tokens import list_tokens
+    from pacsai.operations.tokens import list_tokens
 
     database = open_database(load(config_path))
-    with database.reading() as session:
-        tokens = list_tokens(session=session)
-    database.dispose()
+    try:
+        tokens = list_tokens(database)
+    finally:
+        database.dispose()
     table = Table(title="API tokens")
     for column in ("id", "name", "role", "created", "last used", "revoked"):
         table.add_column(column)
 
-    def when(value: Any) -> str:
+    def when(value: datetime | None) -> str:
         return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else "-"
 
     for row in tokens:
@@ -103,20 +83,13 @@ def token_list(config_path: Path | None) -> None:
 @config_option
 @friendly
 def token_revoke(name_or_id: str, config_path: Path | None) -> None:
-    """Revoke the token NAME_OR_ID (its name, or its id from `pacsai token list`)."""
-    from pacsai.db import utcnow
-    from pacsai.db.tokens import revoke_token
+    """Revoke the token NAME_OR_ID (its name, or its id from `pacsai token list`); its console
+    sessions end with it."""
+    from pacsai.operations.tokens import revoke_token
 
     database = open_database(load(config_path))
-    with database.transaction() as session:
-        row = revoke_token(session=session, name_or_id=name_or_id, now=utcnow())
-        if row is not None:
-            _audit_token_change(
-                session,
-                {"command": "token revoke", "token_id": row.id, "name": row.name},
-            )
-            revoked = f"token {row.name!r} (id {row.id}, role {row.role.value}) revoked"
-    database.dispose()
-    if row is None:
-        raise PacsaiError(f"no unrevoked token is named or numbered {name_or_id!r}")
-    click.echo(revoked)
+    try:
+        row = revoke_token(database, cli_caller("token revoke"), name_or_id)
+    finally:
+        database.dispose()
+    click.echo(f"token {row.name!r} (id {row.id}, role {row.role.value}) revoked")

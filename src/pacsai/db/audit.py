@@ -48,6 +48,7 @@ class AuditEventId(enum.StrEnum):
     IMPORT = "110107"
     QUERY = "110112"
     SECURITY_ALERT = "110113"
+    USER_AUTHENTICATION = "110114"
 
 
 class AuditEventType(enum.StrEnum):
@@ -55,6 +56,8 @@ class AuditEventType(enum.StrEnum):
 
     APPLICATION_START = "110120"
     APPLICATION_STOP = "110121"
+    LOGIN = "110122"
+    LOGOUT = "110123"
     NODE_AUTHENTICATION = "110126"
     USE_OF_RESTRICTED_FUNCTION = "110132"
 

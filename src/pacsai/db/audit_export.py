@@ -52,6 +52,7 @@ __all__ = [
     "export_dicom_xml",
     "export_jsonl",
     "export_records",
+    "neutralise_cell",
 ]
 
 ExportFormat = Literal["dicom-xml", "jsonl", "csv"]
@@ -70,12 +71,15 @@ EVENT_ID_MEANINGS: Final = {
     "110107": "Import",
     "110112": "Query",
     "110113": "Security Alert",
+    "110114": "User Authentication",
 }
 #: Code meanings of the PS3.15 event type codes (DCM) pacsai uses.
 EVENT_TYPE_MEANINGS: Final = {
     "110120": "Application Start",
     "110121": "Application Stop",
     "110126": "Node Authentication",
+    "110122": "Login",
+    "110123": "Logout",
     "110132": "Use of a restricted function",
 }
 
@@ -103,6 +107,8 @@ _ENTITIES: Final = (
     ("\t", "&#9;"),
 )
 _SPECIAL = re.compile('[&<>"\n\r\t]')
+# First characters that make a spreadsheet read a cell as a formula (and their full-width forms).
+_FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
 # Characters XML 1.0 cannot carry at all (not even escaped): replaced, never dropped silently.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -116,11 +122,20 @@ def export_jsonl(records: Iterable[AuditRecord]) -> Iterator[str]:
         yield json.dumps(record.as_json(), separators=(",", ":")) + "\n"
 
 
-def export_csv(records: Iterable[AuditRecord]) -> Iterator[str]:
+def neutralise_cell(value: str) -> str:
+    """``value`` made inert for spreadsheets: prefixed with ``'`` when it starts with a
+    character that makes a spreadsheet read a cell as a formula (``= + - @``, their full-width
+    forms, tab or carriage return; OWASP "CSV Injection")."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
+def export_csv(records: Iterable[AuditRecord], *, raw: bool = False) -> Iterator[str]:
     """A header line, then one line per row (RFC 4180); ``detail`` is the JSON text as hashed.
 
-    Values are written as stored, so that the hashes can be checked against the file; a
-    spreadsheet opening it should be told to treat every column as text.
+    By default a text value that a spreadsheet would run as a formula (an AE title or patient ID
+    starting with ``=``, ``+``, ``-`` or ``@``...) is written with a leading ``'`` (see
+    :func:`neutralise_cell`). With ``raw`` every value is written exactly as stored, so that the
+    hashes can be checked against the file; never open such a file in a spreadsheet.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -131,14 +146,15 @@ def export_csv(records: Iterable[AuditRecord]) -> Iterator[str]:
         writer.writerow(values)
         return buffer.getvalue()
 
+    def cell(record: AuditRecord, column: str) -> Any:
+        if column == "occurred_at":
+            return record.occurred_at.isoformat(timespec="microseconds")
+        value = getattr(record, column)
+        return neutralise_cell(value) if isinstance(value, str) and not raw else value
+
     yield line(CSV_COLUMNS)
     for record in records:
-        yield line(
-            record.occurred_at.isoformat(timespec="microseconds")
-            if column == "occurred_at"
-            else getattr(record, column)
-            for column in CSV_COLUMNS
-        )
+        yield line(cell(record, column) for column in CSV_COLUMNS)
 
 
 # --- DICOM PS3.15 A.5.1 ---------------------------------------------------------------------------
@@ -324,7 +340,10 @@ def _serialize(element: ET.Element, out: list[str]) -> None:
     way (``& < > "`` and the whitespace characters that attribute normalisation would eat).
     """
     out.append("<" + element.tag)
-    for name, value in element.attrib.items():
+    for name, raw_value in element.attrib.items():
+        # Every value is cleaned here, once: whatever a row holds (an AE title, a description,
+        # an ID with control characters, a tampered code), the document stays well formed.
+        value = _clean(raw_value)
         if _SPECIAL.search(value):
             for character, entity in _ENTITIES:
                 value = value.replace(character, entity)
@@ -363,9 +382,13 @@ def export_dicom_xml(records: Iterable[AuditRecord], *, audit_source_id: str) ->
 
 
 def export_records(
-    records: Iterable[AuditRecord], fmt: ExportFormat, *, audit_source_id: str
+    records: Iterable[AuditRecord],
+    fmt: ExportFormat,
+    *,
+    audit_source_id: str,
+    raw_csv: bool = False,
 ) -> Iterator[str]:
-    """Stream `records` in one of :data:`EXPORT_FORMATS`.
+    """Stream `records` in one of :data:`EXPORT_FORMATS` (``raw_csv``: see :func:`export_csv`).
 
     Raises
     ------
@@ -374,7 +397,7 @@ def export_records(
     """
     exporters: dict[str, Callable[[Iterable[AuditRecord]], Iterator[str]]] = {
         "jsonl": export_jsonl,
-        "csv": export_csv,
+        "csv": lambda rows: export_csv(rows, raw=raw_csv),
         "dicom-xml": lambda rows: export_dicom_xml(rows, audit_source_id=audit_source_id),
     }
     if fmt not in exporters:

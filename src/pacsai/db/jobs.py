@@ -1,5 +1,7 @@
 """Repository functions for jobs and their results (the job table is the queue's durable truth).
 
+Listing jobs for people and the retry rules are operations (:mod:`pacsai.operations.jobs`).
+
 Claiming is a guarded update (``... WHERE status = 'QUEUED'``), so several workers, threads or
 processes never run the same job twice.
 """
@@ -19,14 +21,11 @@ from pacsai.db.models import Instance, Job, JobStatus, Result, ResultKind, Study
 
 __all__ = [
     "JobContext",
-    "JobSummary",
     "add_result",
     "claim_job",
     "finish_job",
     "job_context",
-    "list_jobs",
     "requeue_interrupted",
-    "retry_jobs",
 ]
 
 
@@ -169,116 +168,3 @@ def add_result(
     session.add(result)
     session.flush()
     return result
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    """A job as people look at it: what ran, what it found, where the results went."""
-
-    job_id: int
-    study_instance_uid: str
-    status: JobStatus
-    reason: str | None
-    created_at: datetime
-    seconds: float | None
-    models: tuple[str, ...]
-    findings: tuple[str, ...]
-    objects: tuple[str, ...]
-    deliveries: tuple[str, ...]
-
-
-def list_jobs(
-    *, session: Session, status: JobStatus | None = None, limit: int = 50
-) -> list[JobSummary]:
-    """The newest jobs (optionally of one status), with results, objects and deliveries."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
-    if status is not None:
-        query = query.where(Job.status == status)
-    summaries = []
-    for job in session.scalars(query):
-        models: list[str] = []
-        findings: list[str] = []
-        objects: list[str] = []
-        deliveries: list[str] = []
-        for result in job.results:
-            models.append(f"{result.model_name} {result.model_version}")
-            findings.extend(_findings(json.loads(result.summary)))
-            objects.extend(obj.kind for obj in result.objects)
-            deliveries.extend(
-                f"{d.destination}:{d.status.value}"
-                + (f" ({d.last_error[:60]})" if d.last_error and d.status != "SENT" else "")
-                for d in result.deliveries
-            )
-        seconds = (
-            (job.finished_at - job.started_at).total_seconds()
-            if job.finished_at and job.started_at
-            else None
-        )
-        summaries.append(
-            JobSummary(
-                job_id=job.id,
-                study_instance_uid=job.study.study_instance_uid,
-                status=job.status,
-                reason=job.reason,
-                created_at=job.created_at,
-                seconds=seconds,
-                models=tuple(models),
-                findings=tuple(findings),
-                objects=tuple(objects),
-                deliveries=tuple(deliveries),
-            )
-        )
-    return summaries
-
-
-def _findings(summary: dict[str, Any]) -> list[str]:
-    if "probabilities" in summary:
-        return [f"{name} {p:.2f}" for name, p in summary["probabilities"].items()]
-    return [
-        f"{label['name']} {label['volume_ml']:.1f} ml"
-        for label in summary.get("labels", [])
-        if label.get("voxels")
-    ]
-
-
-def retry_jobs(
-    *,
-    session: Session,
-    job_ids: list[int],
-    now: datetime,
-    rerun: bool = False,
-    resend: bool = False,
-    new_uids: bool = False,
-) -> dict[int, str]:
-    """What `pacsai jobs retry` does to each job; a message per job id.
-
-    FAILED deliveries go back to PENDING. A FAILED or SKIPPED job (or any finished job with
-    ``rerun``) is QUEUED again; ``resend`` sends its results even to destinations that have them,
-    ``new_uids`` writes them under new UIDs.
-    """
-    from pacsai.db.deliveries import retry_failed_deliveries
-
-    messages: dict[int, str] = {}
-    for job_id in job_ids:
-        job = session.get(Job, job_id)
-        if job is None:
-            messages[job_id] = "no such job"
-            continue
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            messages[job_id] = f"is {job.status.value}; nothing to retry"
-            continue
-        deliveries = retry_failed_deliveries(session=session, now=now, job_ids=[job_id])
-        if rerun or new_uids or job.status in (JobStatus.FAILED, JobStatus.SKIPPED):
-            job.status = JobStatus.QUEUED
-            job.reason = None
-            job.resend = resend or new_uids
-            job.uid_salt = f"retry-{now.isoformat()}" if new_uids else job.uid_salt
-            messages[job_id] = "queued again" + (
-                f", {deliveries} failed deliveries pending" if deliveries else ""
-            )
-        elif deliveries:
-            messages[job_id] = f"{deliveries} failed deliveries pending again"
-        else:
-            messages[job_id] = f"is {job.status.value} with nothing failed (use --rerun)"
-    session.flush()
-    return messages

@@ -33,6 +33,7 @@ __all__ = [
     "AssociationOutcome",
     "AuditEvent",
     "Base",
+    "ConsoleSession",
     "Delivery",
     "DeliveryStatus",
     "Instance",
@@ -395,3 +396,21 @@ class ApiToken(Base):
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class ConsoleSession(Base):
+    """A sign-in to the operator console: a browser holding the session's secret in a cookie.
+
+    Only the SHA-256 of the secret is stored. The session acts with its token's name and role,
+    and ends when signed out (``ended_at``), when idle or too old, or when its token is revoked.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    remote_address: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]

@@ -1,6 +1,6 @@
-"""Response bodies shared by several routes, and their construction from database rows.
+"""Typed results shared by several operations (and the API's response bodies), built from rows.
 
-Responses carry patient IDs and accession numbers (worklists and RIS match on them) but never
+Results carry patient IDs and accession numbers (worklists and RIS match on them) but never
 patient names or birth dates.
 """
 
@@ -43,6 +43,7 @@ class Finding(_Out):
 class ResultObjectOut(_Out):
     """A DICOM object written for a result (SEG, SR or OVERLAY)."""
 
+    id: int
     kind: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -91,6 +92,11 @@ class JobOut(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     seconds: float | None = Field(description="From start to finish")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per stage (route, load_model, volume, preprocessing, forward, "
+        "postprocessing, store, report...)",
+    )
 
 
 def findings_of(summary: dict[str, Any]) -> list[Finding]:
@@ -124,6 +130,7 @@ def result_out(result: Result, objects: list[ResultObject]) -> ResultOut:
         findings=findings_of(json.loads(result.summary)),
         objects=[
             ResultObjectOut(
+                id=obj.id,
                 kind=obj.kind,
                 sop_class_uid=obj.sop_class_uid,
                 sop_instance_uid=obj.sop_instance_uid,
@@ -169,4 +176,5 @@ def job_out(job: Job, study_instance_uid: str) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         seconds=seconds,
+        timings={str(k): float(v) for k, v in json.loads(job.timings or "{}").items()},
     )
