@@ -1,0 +1,35 @@
+"""Workarounds for MONAI API changes that break bundles written for an older MONAI (one place).
+
+Each rule changes a parsed bundle config only where the change keeps the bundle's meaning, and
+says since when and why. Nothing else in pacsai edits a bundle's config for MONAI's sake.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["adapt_to_installed_monai"]
+
+#: network class -> constructor arguments MONAI removed after they had stopped doing anything.
+_REMOVED_NO_OP_ARGUMENTS = {
+    # SwinUNETR's img_size was deprecated in MONAI 1.3 ("not required anymore: the input size is
+    # checked in forward()") and removed in 1.5; bundles made for MONAI 1.x still pass it.
+    "SwinUNETR": ("img_size",),
+}
+
+
+def adapt_to_installed_monai(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the arguments the installed MONAI no longer takes removed, in place."""
+    import inspect
+
+    from monai.utils import optional_import
+
+    network = config.get("network_def")
+    if not isinstance(network, dict) or not isinstance(network.get("_target_"), str):
+        return config
+    name = network["_target_"].rsplit(".", 1)[-1]
+    for argument in _REMOVED_NO_OP_ARGUMENTS.get(name, ()):
+        cls, found = optional_import("monai.networks.nets", name=name)
+        if argument in network and found and argument not in inspect.signature(cls).parameters:
+            del network[argument]
+    return config
