@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,7 +162,11 @@ def make_parser(bundle_path: Path, config: dict[str, Any]) -> ConfigParser:
     parser = ConfigParser()
     meta = bundle_path / "configs" / "metadata.json"
     if meta.is_file():
-        parser.read_meta(str(meta))
+        with warnings.catch_warnings():
+            # MONAI renames the zoo's optional_packages_version as it reads it, with a warning
+            # to the bundle's author; pacsai checks those packages itself (_packages.py).
+            warnings.filterwarnings("ignore", message="Detected deprecated name")
+            parser.read_meta(str(meta))
     parser.read_config(config)
     parser["bundle_root"] = str(bundle_path)
     return parser
@@ -202,7 +207,11 @@ def numpy_in_checkpoints() -> Iterator[None]:
     import numpy as np
     import torch
 
-    allowed: list[Any] = [np.ndarray, np.dtype, np.core.multiarray._reconstruct]
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # NumPy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    allowed: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct]
     allowed.extend(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType"))
     with torch.serialization.safe_globals(allowed):
         yield
@@ -249,11 +258,13 @@ def find_checkpoint(bundle_path: Path, config: dict[str, Any]) -> CheckpointSpec
             f"the load_path of {where} ({loader.get('load_path')!r}) cannot be evaluated: {exc}"
         ) from exc
     load_dict = loader.get("load_dict")
-    key = next(iter(load_dict)) if isinstance(load_dict, dict) and len(load_dict) == 1 else None
+    network_key = (
+        str(next(iter(load_dict))) if isinstance(load_dict, dict) and len(load_dict) == 1 else None
+    )
     strict = loader.get("strict", True)
     return CheckpointSpec(
         Path(str(load_path)),
-        key=key,
+        key=network_key,
         strict=str(strict).strip().lower() not in ("false", "0"),
         where=where,
     )

@@ -22,7 +22,7 @@ def adapt_to_installed_monai(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the arguments the installed MONAI no longer takes removed, in place."""
     import inspect
 
-    from monai.utils import optional_import
+    from monai.utils.module import optional_import
 
     network = config.get("network_def")
     if not isinstance(network, dict) or not isinstance(network.get("_target_"), str):

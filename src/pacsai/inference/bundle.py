@@ -45,7 +45,14 @@ from pacsai.inference._bundle_config import (
 from pacsai.inference._packages import check_packages
 from pacsai.inference.labels import LabelSemantics, normalise_name, semantics_for
 
-__all__ = ["DICOM_MODALITIES", "BundleInfo", "InputSlot", "inspect_bundle", "load_config"]
+__all__ = [
+    "DICOM_MODALITIES",
+    "BundleInfo",
+    "InputSlot",
+    "codes_stub",
+    "inspect_bundle",
+    "load_config",
+]
 
 Task = Literal["segmentation", "classification"]
 
@@ -280,6 +287,37 @@ def inspect_bundle(path: Path) -> BundleInfo:
         checkpoint_strict=strict,
         notes=tuple(notes),
     )
+
+
+def codes_stub(path: Path) -> dict[str, Any] | None:
+    """A ``pacsai.yaml`` stub for the bundle at ``path``: what still needs codes, or None.
+
+    Lists exactly the labels that neither the bundle's ``pacsai.yaml`` nor the built-in table
+    knows, each with empty codes to fill in (an empty code is refused until it is filled), and
+    the modality when the bundle declares none that is a DICOM one.
+    """
+    try:
+        inspect_bundle(path)
+    except BundleError as exc:
+        problems = exc.missing
+    else:
+        return None
+    meta = load_config(path / "configs" / "metadata.json")
+    pred_out = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    channel_def = pred_out.get("channel_def", pred_out.get("label_def")) or {}
+    labels: dict[str, Any] = {}
+    for _, label_name in sorted(channel_def.items(), key=lambda kv: int(kv[0])):
+        if any(p.startswith(f"label {str(label_name)!r} has no coded") for p in problems):
+            empty = {"value": "", "scheme": "SCT", "meaning": ""}
+            labels[str(label_name)] = {"category": dict(empty), "type": dict(empty)}
+    stub: dict[str, Any] = {}
+    if any(
+        p.startswith("a DICOM modality") or p.startswith("the input modality") for p in problems
+    ):
+        stub["modality"] = []
+    if labels:
+        stub["labels"] = labels
+    return stub or None
 
 
 def _weights(

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data.meta_tensor import MetaTensor
-from monai.transforms import apply_transform
+from monai.transforms.transform import apply_transform
 
 from pacsai.errors import ModelError
 from pacsai.inference._bundle_config import (
@@ -171,6 +171,7 @@ class LoadedModel:
         self.amp = amp and device.type == "cuda"
         self._lock = threading.Lock()
         self.warm = False
+        self._learned = False
         try:
             config = follow_device(load_config(bundle.config_file), str(device))
             parser = make_parser(bundle.path, config)
@@ -256,8 +257,10 @@ class LoadedModel:
                         self._run([_slice(v, k) for v in given], timings)
                         for k in range(reference.array.shape[0])
                     ]
+                    self._learn_once(results[0])
                     return self._stack_slices(results, reference, timings)
                 result = self._run(given, timings)
+                self._learn_once(result)
             except ModelError:
                 raise
             except Exception as exc:
@@ -345,7 +348,7 @@ class LoadedModel:
         masks_after = -1
         discretised = False
         for index, transform in enumerate(transforms):
-            data = apply_transform(transform, data)
+            data = dict(apply_transform(transform, data))
             pred = data["pred"]
             name = type(transform).__name__
             if name.startswith("Activations"):
@@ -511,12 +514,17 @@ class LoadedModel:
                     f"{'x'.join(str(s) for s in volumes[0].array.shape[::-1])} input: "
                     f"{describe_error(exc)}"
                 ) from exc
-        self._learn(raw[0])
+        self._learn_once(raw[0])
         self._output(raw[0], volumes[0], {})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warm = True
         return time.perf_counter() - start
+
+    def _learn_once(self, result: _RawResult) -> None:
+        if not self._learned:
+            self._learn(result)
+            self._learned = True
 
     def _learn(self, result: _RawResult) -> None:
         """Check the task against the network's output; learn a merge's label values."""
@@ -584,7 +592,7 @@ def _probe_values(merge: list[Any], channels: int, spatial_dims: int) -> dict[in
     data: dict[str, Any] = {"pred": MetaTensor(probe)}
     try:
         for transform in merge:
-            data = apply_transform(transform, data)
+            data = dict(apply_transform(transform, data))
     except Exception:  # a merge that needs real geometry: keep the channel indices
         log.debug("could not probe the label values of a merge", exc_info=True)
         return None
@@ -709,7 +717,7 @@ def _resample(volume: Volume, reference: Volume) -> np.ndarray:
         volume.affine, reference.affine, atol=1e-4
     ):
         return volume.array
-    from monai.transforms import SpatialResample
+    from monai.transforms.spatial.array import SpatialResample
 
     source = as_meta_tensor(volume, channel_first=True)
     target = LPS_TO_RAS @ reference.affine
