@@ -44,6 +44,7 @@ __all__ = [
     "make_parser",
     "resolve_reference",
     "target_name",
+    "without_transforms",
 ]
 
 #: ``torch.device('cuda')``, ``torch.device("cuda:0")``, ``'cuda:0' if ... else 'cpu'`` inside
@@ -117,6 +118,28 @@ def resolve_reference(config: dict[str, Any], value: Any) -> Any:
         else:
             return value
     return value
+
+
+def without_transforms(
+    config: dict[str, Any], component: str, prefixes: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Remove, in place, the transforms of ``component`` whose class name starts with a prefix.
+
+    The transform list is found through ``$@`` references (``transforms: $@transforms``), so
+    that a removed loader is never instantiated. Returns the removed transforms' configs.
+    """
+    item = resolve_reference(config, config.get(component))
+    if not isinstance(item, dict):
+        return []
+    reference = item.get("transforms")
+    transforms = resolve_reference(config, reference)
+    if not isinstance(transforms, list):
+        return []
+    removed = [
+        t for t in transforms if target_name(resolve_reference(config, t)).startswith(prefixes)
+    ]
+    transforms[:] = [t for t in transforms if t not in removed]
+    return [resolve_reference(config, t) for t in removed]
 
 
 def follow_device(config: dict[str, Any], device: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from pacsai.inference._bundle_config import (
     follow_device,
     load_config,
     make_parser,
+    without_transforms,
 )
 from pacsai.inference._packages import pip_hint
 from pacsai.inference.bundle import BundleInfo
@@ -174,6 +175,8 @@ class LoadedModel:
         self._learned = False
         try:
             config = follow_device(load_config(bundle.config_file), str(device))
+            loaders = without_transforms(config, "preprocessing", _LOADERS)
+            without_transforms(config, "postprocessing", _WRITERS)
             parser = make_parser(bundle.path, config)
             with bundle_parsing(bundle.path):
                 self.preprocessing: Any = parser.get_parsed_content("preprocessing")
@@ -190,9 +193,7 @@ class LoadedModel:
         # A loader with image_only false also gave "<key>_meta_dict" entries, which some
         # bundles' own transforms read (renalStructures' ConcatImages).
         self._meta_dicts = any(
-            not getattr(getattr(t, "_loader", t), "image_only", True)
-            for t in _flatten(self.preprocessing)
-            if type(t).__name__.startswith(_LOADERS)
+            str(loader.get("image_only", True)).lower() in ("false", "0") for loader in loaders
         )
         _remove(self.preprocessing, _LOADERS)
         _remove(self.postprocessing, _WRITERS)
