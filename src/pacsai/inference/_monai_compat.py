@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["adapt_to_installed_monai"]
+__all__ = ["adapt_to_installed_monai", "without_empty_inversions"]
 
 #: network class -> constructor arguments MONAI removed after they had stopped doing anything.
 _REMOVED_NO_OP_ARGUMENTS = {
@@ -33,3 +33,28 @@ def adapt_to_installed_monai(config: dict[str, Any]) -> dict[str, Any]:
         if argument in network and found and argument not in inspect.signature(cls).parameters:
             del network[argument]
     return config
+
+
+def without_empty_inversions(postprocessing: Any) -> None:
+    """Remove, in place, ``Invertd`` transforms that have nothing to invert.
+
+    Older MONAI let ``Invertd`` pass the data through when its preprocessing held no invertible
+    transform (ventricular_short_axis_3label: channel, intensity and type only); MONAI 1.5+
+    raises "inverse has been called but no invertible transforms have been supplied". Such an
+    Invertd is a no-op by its author's intent, and removing it keeps the bundle's meaning.
+    """
+    from monai.transforms.inverse import InvertibleTransform
+
+    transforms = getattr(postprocessing, "transforms", None)
+    if not isinstance(transforms, list | tuple):
+        return
+
+    def empty(transform: Any) -> bool:
+        if type(transform).__name__ != "Invertd":
+            return False
+        source = getattr(transform, "transform", None)
+        flatten = getattr(source, "flatten", None)
+        inner = flatten().transforms if callable(flatten) else [source]
+        return not any(isinstance(t, InvertibleTransform) for t in inner)
+
+    postprocessing.transforms = type(transforms)(t for t in transforms if not empty(t))

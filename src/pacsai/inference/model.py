@@ -54,6 +54,7 @@ from pacsai.inference._bundle_config import (
     make_parser,
     without_transforms,
 )
+from pacsai.inference._monai_compat import without_empty_inversions
 from pacsai.inference._packages import pip_hint
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.volume import Volume
@@ -197,6 +198,7 @@ class LoadedModel:
         )
         _remove(self.preprocessing, _LOADERS)
         _remove(self.postprocessing, _WRITERS)
+        without_empty_inversions(self.postprocessing)
         self._adds_channel = False
         for transform in _flatten(self.preprocessing) + _flatten(self.postprocessing):
             if hasattr(transform, "allow_missing_keys"):
