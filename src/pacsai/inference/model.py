@@ -119,7 +119,7 @@ class ModelOutput:
 
 # --- errors ------------------------------------------------------------------------------------
 
-_TRANSFORM_REPR = re.compile(r"applying transform <[\w.]*?\.(\w+) object at 0x[0-9a-f]+>")
+_TRANSFORM_REPR = re.compile(r"applying transform <(?:[\w.<>]*\.)?(\w+) object at 0x[0-9a-f]+>")
 _COMPONENT = re.compile(r"Failed to instantiate component '[\w.]*?\.?(\w+)'")
 _MISSING_MODULE = re.compile(r"No module named '([\w.]+)'|required package `([\w.]+)`")
 
