@@ -151,11 +151,21 @@ class QueueSettings(_Section):
 
 
 class InferenceSettings(_Section):
-    """Where model bundles live and what runs them."""
+    """Where model bundles live and what runs them.
+
+    ``warm_up``: at start, load every ready bundle and run it once on a synthetic volume of its
+    declared input on the configured device (a bundle that fails is refused with the cause), and
+    keep it loaded, so that the first study is as fast as the second. ``max_voxels``: a series
+    with more voxels (rows x columns x frames, summed over its instances) is refused before any
+    pixel is decoded; the default, 10^9, is about four whole-body CTs of 512 x 512 x 1000 (4 GB
+    as float32).
+    """
 
     models_dir: Path = Path("./models")
     device: str = "auto"
     amp: bool = True
+    warm_up: bool = True
+    max_voxels: int = Field(default=1_000_000_000, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -254,6 +264,10 @@ class Route(_Section):
     )
     seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     send_to: list[str] = Field(default_factory=list)
+    # For a model that reads several series (input channels or keys: BraTS T1c, T1, T2, FLAIR):
+    # one series rule per input, by the model's channel or key name; the first is the grid the
+    # others are resampled onto. ``series:`` is then not used.
+    channels: dict[str, SeriesRule] | None = None
     priority: list[PriorityRule] | None = None  # any rule holding flags the study as priority
 
 

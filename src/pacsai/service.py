@@ -150,6 +150,13 @@ class Node:
         self.audit_forwarder = start_forwarding(self.settings, self.database.engine)
         self._audit_activity(AuditEventType.APPLICATION_START)
         self.receiver.start()
+        if self.registry is not None and self.settings.inference.warm_up:
+            # Models load and run once while the receiver already answers (C-ECHO, C-STORE):
+            # the first study is then as fast as the second, and a bundle that cannot run is
+            # refused now, with its cause, rather than at the first patient.
+            threading.Thread(
+                target=self.registry.warm_up, name="model-warm-up", daemon=True
+            ).start()
         self._start_children()
         if self.workers is not None:
             self.workers.recover()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def test_models_list_shows_ready_and_refused_bundles(config: Path, models_dir: P
     assert "0.1.0+" in rows["ct_organs"]
     assert str(models_dir) in result.stdout
     assert (
-        "broken: refused: file models/model.pt (or models/model.ts); "
+        "broken: refused: file models/model.pt (the load_path of handlers#0 in the inference "
+        "config); "
         "key 'inferer' in inference.json"
     ) in result.stderr
 
@@ -119,9 +121,9 @@ def test_models_check_passes_a_good_bundle(config: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("ct_organs: OK 0.1.0+")
-    assert "on cpu; CT segmentation; 1=liver (Liver), 2=spleen (Spleen), 3=kidney (Kidney)" in (
-        result.stdout
-    )
+    assert "on cpu; CT segmentation 3D; loaded in " in result.stdout
+    assert ", ran in " in result.stdout  # it ran once on a synthetic volume
+    assert "1=liver (Liver), 2=spleen (Spleen), 3=kidney (Kidney)" in result.stdout
 
 
 def test_models_check_refuses_a_broken_bundle_naming_what_is_missing(config: Path) -> None:
@@ -330,3 +332,24 @@ def test_a_phantom_ct_is_routed_to_the_ct_bundle(config: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "ct_organs" in column(result.stdout, 1)
     assert "(CT," in column(result.stdout, 3)
+
+
+def test_models_codes_lists_exactly_the_labels_that_need_codes(
+    config: Path, models_dir: Path
+) -> None:
+    metadata = models_dir / "ct_organs" / "configs" / "metadata.json"
+    meta = json.loads(metadata.read_text(encoding="utf-8"))
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    channels.update({"4": "Left Kideny", "5": "kidney_right"})
+    metadata.write_text(json.dumps(meta), encoding="utf-8")
+
+    result = pacsai("models", "codes", "ct_organs", "--config", config)
+
+    assert result.exit_code == 0, result.output
+    stub = yaml.safe_load(result.stdout)
+    assert list(stub["labels"]) == ["Left Kideny"]  # kidney_right is known, with laterality
+    written = pacsai("models", "codes", "ct_organs", "--write", "--config", config)
+    assert written.exit_code == 0, written.output
+    check = pacsai("models", "check", "ct_organs", "--config", config)
+    assert check.exit_code == 1
+    assert "label 'Left Kideny': category must be a mapping" in check.stdout

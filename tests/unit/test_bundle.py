@@ -281,7 +281,8 @@ def test_a_label_without_coded_meaning_is_named(make_bundle: Callable[..., Path]
     error = refusal(path)
 
     assert error.missing == [
-        "label 'portal_vein' has no coded meaning: add category and type to pacsai.yaml"
+        "label 'portal_vein' has no coded meaning: add category and type to pacsai.yaml "
+        "(`pacsai models codes BUNDLE` writes a stub)"
     ]
 
 
@@ -328,11 +329,12 @@ def test_every_problem_is_listed_at_once(make_bundle: Callable[..., Path]) -> No
     error = refusal(path)
 
     assert error.missing == [
-        "file models/model.pt (or models/model.ts)",
+        "file models/model.pt (the load_path of handlers#0 in the inference config)",
         "key 'inferer' in inference.json",
         "key 'postprocessing' in inference.json",
         "key 'version' in metadata.json",
-        "label 'portal_vein' has no coded meaning: add category and type to pacsai.yaml",
+        "label 'portal_vein' has no coded meaning: add category and type to pacsai.yaml "
+        "(`pacsai models codes BUNDLE` writes a stub)",
     ]
 
 

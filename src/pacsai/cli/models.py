@@ -62,29 +62,89 @@ def models_list(config_path: Path | None) -> None:
 @config_option
 @friendly
 def models_check(names: tuple[str, ...], config_path: Path | None) -> None:
-    """Check bundles (all, or NAMES) and load them on the device; exit 1 if any is refused."""
+    """Load bundles (all, or NAMES) and run each once on a synthetic volume of its declared
+    input on the configured device; exit 1 if any is refused."""
     settings = load(config_path)
     registry = _registry(settings)
-    wanted = names or tuple(registry.entries)
+    results = registry.warm_up(names or None)
     failed = 0
-    for name in wanted:
-        try:
-            model = registry.load(name)
-        except PacsaiError as exc:
-            click.echo(f"{name}: REFUSED: {exc}")
+    for result in results:
+        if result.status != "ready":
+            click.echo(f"{result.name}: REFUSED: {result.reason}")
             failed += 1
             continue
-        bundle = model.bundle
+        bundle = registry.get(result.name)
         labels = ", ".join(
-            f"{label.value}={label.name} ({label.type.meaning})" for label in bundle.labels
+            f"{label.value}={label.name} ({label.type.meaning}"
+            f"{', ' + label.modifier.meaning if label.modifier else ''})"
+            for label in bundle.labels
+        )
+        inputs = (
+            f"; inputs {', '.join(slot.name for slot in bundle.inputs)}"
+            if len(bundle.inputs) > 1
+            else ""
         )
         click.echo(
-            f"{name}: OK {bundle.display_version} on {model.device}; "
-            f"{'/'.join(bundle.modalities)} {bundle.task}; {labels}"
+            f"{result.name}: OK {bundle.display_version} on {result.device}; "
+            f"{'/'.join(bundle.modalities)} {bundle.task} {bundle.spatial_dims}D{inputs}; "
+            f"loaded in {result.load_seconds:.1f} s, ran in {result.run_seconds:.1f} s; {labels}"
         )
-    if not wanted:
+        for note in result.notes:
+            click.echo(f"  note: {note}")
+    if not results:
         click.echo(f"no bundles in {settings.inference.models_dir}")
-    sys.exit(1 if failed or not wanted else 0)
+    sys.exit(1 if failed or not results else 0)
+
+
+@models.command("codes")
+@click.argument("name")
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Add the stub to the bundle's configs/pacsai.yaml (existing entries are kept).",
+)
+@config_option
+@friendly
+def models_codes(name: str, write: bool, config_path: Path | None) -> None:
+    """Print a pacsai.yaml stub listing exactly the labels of bundle NAME that need codes."""
+    import yaml
+
+    from pacsai.inference.bundle import codes_stub
+
+    settings = load(config_path)
+    path = settings.inference.models_dir / name
+    if not (path / "configs" / "metadata.json").is_file():
+        raise PacsaiError(f"no bundle with configs/metadata.json at {path}")
+    stub = codes_stub(path)
+    if stub is None:
+        click.echo(f"{name}: every label has a coded meaning; nothing to add", err=True)
+        return
+    header = (
+        f"# Codes for bundle {name}: fill in each empty value (SNOMED CT codes from CID 7150 for\n"
+        "# the category and CID 7151 for the type; modality: DICOM values such as [CT] or [MR]),\n"
+        "# then run `pacsai models check`.\n"
+    )
+    text = yaml.safe_dump(stub, sort_keys=False, allow_unicode=True)
+    if not write:
+        click.echo(header + text, nl=False)
+        return
+    target = path / "configs" / "pacsai.yaml"
+    current: dict[str, Any] = {}
+    if target.is_file():
+        loaded = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise PacsaiError(f"{target} is not a YAML mapping: fix or remove it first")
+        current = loaded
+    if "modality" in stub and not current.get("modality"):
+        current["modality"] = stub["modality"]
+    known = current.setdefault("labels", {}) or {}
+    current["labels"] = known
+    for label, entry in stub.get("labels", {}).items():
+        known.setdefault(label, entry)
+    target.write_text(
+        header + yaml.safe_dump(current, sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
+    click.echo(f"wrote {target}: {len(stub.get('labels', {}))} labels to code")
 
 
 @main.group()

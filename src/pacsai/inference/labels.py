@@ -1,12 +1,21 @@
 """What each output channel of a model means, in codes the DICOM outputs can carry.
 
 A segmentation label needs a segmented property category and type (PS3.3 C.8.20.4, CID 7150 and
-CID 7151, SNOMED CT), a recommended display colour, and optionally an anatomic region; a
+CID 7151, SNOMED CT), optionally a laterality modifier, and a recommended display colour; a
 classification class needs the finding it stands for. pacsai reads these, in this order:
 
 1. a ``pacsai.yaml`` beside the bundle's ``configs/metadata.json`` (``configs/pacsai.yaml``),
 2. a ``"pacsai"`` object in ``metadata.json`` with the same content,
-3. the built-in table below, looked up by the channel's name in ``channel_def``.
+3. the built-in table (``label_codes.csv`` beside this module), looked up by the channel's name.
+
+The built-in table covers the vocabularies of common Model Zoo bundles (TotalSegmentator names as
+wholeBody_ct_segmentation uses them, BTCV, BraTS regions, prostate zones, pancreas and tumour,
+renal structures, cardiac MR), with SNOMED CT codes from TotalSegmentator's published mapping and
+DICOM PS3.16 (the file names the source of each row). Names are matched whatever their case and
+separators (``Right Kidney``, ``kidney_right``, ``kidney-right``); a left or right part becomes the
+laterality modifier (SCT 7771000 Left, 24028007 Right) of the structure without it. A name the
+table does not know, misspelt ones included (BTCV's ``Left Kideny``), stays unknown: its codes
+must come from ``pacsai.yaml``, and the message says which known name it resembles.
 
 The file (or object) looks like this; every key is optional except the codes of a label that the
 built-in table does not know::
@@ -16,13 +25,18 @@ built-in table does not know::
       liver:
         category: {value: "91723000", scheme: SCT, meaning: Anatomical Structure}
         type: {value: "10200004", scheme: SCT, meaning: Liver}
+        modifier: {value: "24028007", scheme: SCT, meaning: Right}   # optional laterality
         color: [221, 130, 101]
 """
 
 from __future__ import annotations
 
+import csv
+import difflib
+import io
 import re
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -32,6 +46,9 @@ __all__ = [
     "BUILTIN_LABELS",
     "Code",
     "LabelSemantics",
+    "UnknownLabelError",
+    "builtin_semantics",
+    "label_voxel_counts",
     "normalise_name",
     "semantics_for",
     "voxel_counts",
@@ -66,14 +83,19 @@ class LabelSemantics:
     Attributes
     ----------
     value:
-        The channel index (the label value in a label map, or the class index).
+        The label value in the model's label map (the channel index, unless the bundle's
+        postprocessing writes other values, as BraTS bundles do: 1, 2, 4), or the class index.
     name:
-        The name in the bundle's ``channel_def``.
+        The name in the bundle's ``channel_def`` (or ``label_def``).
     category, type:
         Segmented Property Category and Type (CID 7150 / CID 7151), or for a classification
         class the finding's category and the finding itself.
     color:
         Recommended display colour as RGB 0..255.
+    modifier:
+        Segmented Property Type Modifier, the laterality (SCT Left / Right), or None.
+    channel:
+        The output channel the label comes from (``value`` when None).
     """
 
     value: int
@@ -81,6 +103,21 @@ class LabelSemantics:
     category: Code
     type: Code
     color: tuple[int, int, int]
+    modifier: Code | None = None
+    channel: int | None = None
+
+    @property
+    def output_channel(self) -> int:
+        """The network output channel of this label."""
+        return self.value if self.channel is None else self.channel
+
+
+class UnknownLabelError(ValueError):
+    """A label has no coded meaning: neither ``pacsai.yaml`` nor the built-in table knows it."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
 
 
 def _sct(keyword: str) -> Code:
@@ -88,58 +125,80 @@ def _sct(keyword: str) -> Code:
     return Code(code.value, code.scheme_designator, code.meaning)
 
 
-_ANATOMY = _sct("AnatomicalStructure")
-_ABNORMAL = _sct("MorphologicallyAbnormalStructure")
-
-# name -> (category, type, colour); colours follow the 3D Slicer / TotalSegmentator conventions
-# where they have one.
-BUILTIN_LABELS: dict[str, tuple[Code, Code, tuple[int, int, int]]] = {
-    "liver": (_ANATOMY, _sct("Liver"), (221, 130, 101)),
-    "spleen": (_ANATOMY, _sct("Spleen"), (157, 108, 162)),
-    "kidney": (_ANATOMY, _sct("Kidney"), (185, 102, 83)),
-    "pancreas": (_ANATOMY, _sct("Pancreas"), (249, 180, 111)),
-    "stomach": (_ANATOMY, _sct("Stomach"), (216, 132, 105)),
-    "gallbladder": (_ANATOMY, _sct("Gallbladder"), (139, 150, 98)),
-    "aorta": (_ANATOMY, _sct("Aorta"), (224, 97, 76)),
-    "esophagus": (_ANATOMY, _sct("Esophagus"), (211, 171, 143)),
-    "duodenum": (_ANATOMY, _sct("Duodenum"), (255, 253, 229)),
-    "colon": (_ANATOMY, _sct("Colon"), (204, 168, 143)),
-    "small_intestine": (_ANATOMY, _sct("SmallIntestine"), (205, 167, 142)),
-    "urinary_bladder": (_ANATOMY, _sct("Bladder"), (222, 154, 132)),
-    "bladder": (_ANATOMY, _sct("Bladder"), (222, 154, 132)),
-    "prostate": (_ANATOMY, _sct("Prostate"), (230, 158, 140)),
-    "heart": (_ANATOMY, _sct("Heart"), (206, 110, 84)),
-    "lung": (_ANATOMY, _sct("Lung"), (197, 165, 145)),
-    "trachea": (_ANATOMY, _sct("Trachea"), (182, 228, 255)),
-    "brain": (_ANATOMY, _sct("Brain"), (250, 250, 225)),
-    "spinal_cord": (_ANATOMY, _sct("SpinalCord"), (244, 214, 49)),
-    "vertebra": (_ANATOMY, _sct("Vertebra"), (241, 214, 145)),
-    "bone": (_ANATOMY, _sct("Bone"), (241, 214, 145)),
-    "lesion": (_ABNORMAL, _sct("Lesion"), (255, 80, 80)),
-    "tumor": (_ABNORMAL, _sct("Tumor"), (255, 80, 80)),
-    "mass": (_ABNORMAL, _sct("Mass"), (255, 80, 80)),
-    "nodule": (_ABNORMAL, _sct("Nodule"), (255, 170, 0)),
-    "hemorrhage": (_ABNORMAL, _sct("Hemorrhage"), (200, 0, 0)),
-    "edema": (_ABNORMAL, _sct("Edema"), (110, 180, 255)),
-    "pleural_effusion": (_ABNORMAL, _sct("PleuralEffusion"), (80, 160, 255)),
-    "effusion": (_ABNORMAL, _sct("PleuralEffusion"), (80, 160, 255)),
-    "pneumothorax": (_ABNORMAL, _sct("Pneumothorax"), (120, 255, 120)),
-    "cardiomegaly": (_ABNORMAL, _sct("Cardiomegaly"), (255, 120, 200)),
+_CATEGORIES = {
+    "A": _sct("AnatomicalStructure"),
+    "M": _sct("MorphologicallyAbnormalStructure"),
 }
+_LATERALITY = {"left": _sct("Left"), "right": _sct("Right")}
+_SPELLING = {"tumour": "tumor", "oesophagus": "esophagus", "haemorrhage": "hemorrhage"}
+_SPELLING.update({"oedema": "edema", "tumours": "tumors", "colour": "color"})
+
+
+def _read_table() -> dict[str, tuple[Code, Code, tuple[int, int, int]]]:
+    text = resources.files("pacsai.inference").joinpath("label_codes.csv").read_text("utf-8")
+    rows = csv.DictReader(
+        io.StringIO("".join(line for line in text.splitlines(True) if not line.startswith("#")))
+    )
+    table: dict[str, tuple[Code, Code, tuple[int, int, int]]] = {}
+    for row in rows:
+        entry = (
+            _CATEGORIES[row["category"]],
+            Code(row["type_value"], "SCT", row["type_meaning"]),
+            (int(row["red"]), int(row["green"]), int(row["blue"])),
+        )
+        for name in row["names"].split("|"):
+            table[name] = entry
+    return table
+
+
+#: name -> (category, type, colour) of every name and alias of the built-in table.
+BUILTIN_LABELS: dict[str, tuple[Code, Code, tuple[int, int, int]]] = _read_table()
 
 
 def normalise_name(name: str) -> str:
-    """``"Small Intestine"``, ``"small-intestine"`` -> ``"small_intestine"``."""
-    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+    """``"Small Intestine"``, ``"small-intestine"`` -> ``"small_intestine"``.
+
+    Case, spaces, hyphens, dots and other separators do not matter; British spellings become
+    American ones (``tumour`` -> ``tumor``), as SNOMED CT's preferred terms are written.
+    """
+    words = [w for w in re.split(r"[^0-9a-z]+", name.strip().lower()) if w]
+    return "_".join(_SPELLING.get(w, w) for w in words)
 
 
-def semantics_for(value: int, name: str, override: Any) -> LabelSemantics:
+def builtin_semantics(name: str) -> tuple[Code, Code, tuple[int, int, int], Code | None] | None:
+    """The built-in (category, type, colour, laterality modifier) of ``name``, or None."""
+    key = normalise_name(name)
+    entry = BUILTIN_LABELS.get(key)
+    if entry is not None:
+        return (*entry, None)
+    words = key.split("_")
+    sides = [w for w in words if w in _LATERALITY]
+    if len(sides) != 1:
+        return None
+    rest = "_".join(w for w in words if w not in _LATERALITY)
+    entry = BUILTIN_LABELS.get(rest)
+    return None if entry is None else (*entry, _LATERALITY[sides[0]])
+
+
+def _resembles(name: str) -> str:
+    key = normalise_name(name)
+    words = [w for w in key.split("_") if w not in _LATERALITY]
+    candidates = difflib.get_close_matches("_".join(words), list(BUILTIN_LABELS), n=1, cutoff=0.8)
+    return (
+        f" (it resembles the known name {candidates[0]!r}: is it misspelt?)" if candidates else ""
+    )
+
+
+def semantics_for(
+    value: int, name: str, override: Any, *, channel: int | None = None
+) -> LabelSemantics:
     """The semantics of channel ``value`` named ``name``.
 
     ``override`` is that label's entry of a ``pacsai.yaml`` (or ``None``); its keys win over the
-    built-in table. ``ValueError`` says what is missing when neither knows the label.
+    built-in table. :class:`UnknownLabelError` (a ``ValueError``) says what is missing when
+    neither knows the label.
     """
-    builtin = BUILTIN_LABELS.get(normalise_name(name))
+    builtin = builtin_semantics(name)
     entry = override if isinstance(override, dict) else {}
     where = f"label {name!r}"
     if "category" in entry:
@@ -147,13 +206,25 @@ def semantics_for(value: int, name: str, override: Any) -> LabelSemantics:
     elif builtin:
         category = builtin[0]
     else:
-        raise ValueError(f"{where} has no coded meaning: add category and type to pacsai.yaml")
+        raise UnknownLabelError(
+            name,
+            f"{where} has no coded meaning{_resembles(name)}: add category and type to "
+            "pacsai.yaml (`pacsai models codes BUNDLE` writes a stub)",
+        )
     if "type" in entry:
         type_ = Code.from_mapping(entry["type"], f"{where}: type")
     elif builtin:
         type_ = builtin[1]
     else:
-        raise ValueError(f"{where} has no coded type: add type to pacsai.yaml")
+        raise UnknownLabelError(name, f"{where} has no coded type: add type to pacsai.yaml")
+    if "modifier" in entry:
+        modifier = (
+            None
+            if entry["modifier"] is None
+            else Code.from_mapping(entry["modifier"], f"{where}: modifier")
+        )
+    else:
+        modifier = builtin[3] if builtin and "type" not in entry else None
     color = entry.get("color", builtin[2] if builtin else _palette(value))
     if not (
         isinstance(color, list | tuple)
@@ -161,7 +232,9 @@ def semantics_for(value: int, name: str, override: Any) -> LabelSemantics:
         and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
     ):
         raise ValueError(f"{where}: color must be three integers 0..255")
-    return LabelSemantics(value, name, category, type_, (color[0], color[1], color[2]))
+    return LabelSemantics(
+        value, name, category, type_, (color[0], color[1], color[2]), modifier, channel
+    )
 
 
 def _palette(value: int) -> tuple[int, int, int]:
@@ -182,3 +255,23 @@ def voxel_counts(label_map: np.ndarray) -> np.ndarray:
             counts = np.pad(counts, (0, plane_counts.size - counts.size))
         counts[: plane_counts.size] += plane_counts
     return counts
+
+
+def label_voxel_counts(label_map: np.ndarray, labels: Any) -> dict[int, int]:
+    """Voxels of each label (by value): of a label map, or of one boolean mask per label.
+
+    ``label_map`` is either integer label values, shape ``(slices, rows, columns)``, or, for a
+    multi-label model whose labels may overlap, one mask per label in ``labels`` order, shape
+    ``(labels, slices, rows, columns)``.
+    """
+    labels = list(labels)
+    if label_map.ndim == 4:
+        return {
+            label.value: int(np.count_nonzero(mask))
+            for label, mask in zip(labels, label_map, strict=True)
+        }
+    counts = voxel_counts(label_map)
+    return {
+        label.value: int(counts[label.value]) if label.value < counts.size else 0
+        for label in labels
+    }

@@ -2,15 +2,27 @@
 
 A bundle that lacks something is refused with the list of what is missing and logged; the others
 are available. Loaded models are kept, one per bundle and device, for the life of the process.
+
+:meth:`ModelRegistry.warm_up` loads each ready bundle and runs it once on a synthetic volume of
+its declared input on the configured device, so that a bundle that loads but cannot run is refused
+before the first patient, and the first study is as fast as the second (CUDA context, cuDNN
+autotuning). ``pacsai models check`` and ``pacsai serve`` (``inference.warm_up``) call it; so does
+a worker process at start::
+
+    registry = ModelRegistry.from_settings(settings.inference)
+    for result in registry.warm_up():        # list[WarmUpResult], one per bundle tried
+        print(result.name, result.status, result.seconds, result.reason)
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pacsai.errors import BundleError, ModelError
 from pacsai.inference.bundle import BundleInfo, inspect_bundle
@@ -19,7 +31,7 @@ if TYPE_CHECKING:
     from pacsai.config import InferenceSettings
     from pacsai.inference.model import LoadedModel
 
-__all__ = ["ModelRegistry", "RegistryEntry"]
+__all__ = ["ModelRegistry", "RegistryEntry", "WarmUpResult"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,39 @@ class RegistryEntry:
     @property
     def status(self) -> str:
         return "ready" if self.bundle is not None else "refused"
+
+
+@dataclass(frozen=True)
+class WarmUpResult:
+    """How one bundle's warm-up went.
+
+    Attributes
+    ----------
+    name : str
+        The bundle.
+    status : {"ready", "refused"}
+        ``refused``: the bundle was refused before (``reason`` says why) or failed now.
+    seconds : float
+        Loading plus the synthetic run (0 for a bundle refused before).
+    load_seconds, run_seconds : float
+        The two parts of ``seconds``.
+    device : str
+        Where it ran.
+    reason : str or None
+        Why it is refused.
+    notes : tuple of str
+        What is worth knowing about a ready bundle (an unused missing package, an output type
+        declared otherwise than the network returns it).
+    """
+
+    name: str
+    status: Literal["ready", "refused"]
+    seconds: float
+    load_seconds: float
+    run_seconds: float
+    device: str
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 class ModelRegistry:
@@ -90,6 +135,121 @@ class ModelRegistry:
         from pacsai.inference.model import resolve_device
 
         return str(resolve_device(self.device_setting))
+
+    @property
+    def warm(self) -> bool:
+        """True when every ready bundle is loaded and has run once on this registry's device."""
+        device = self.device_name()
+        with self._lock:
+            return all(
+                (name, device) in self._loaded and self._loaded[(name, device)].warm
+                for name, entry in self.entries.items()
+                if entry.bundle is not None
+            )
+
+    def warm_up(self, names: Iterable[str] | None = None) -> list[WarmUpResult]:
+        """Load each ready bundle (or those in ``names``) and run it once on a synthetic volume.
+
+        A bundle that fails is refused from then on (its entry says why; jobs routed to it fail
+        with that reason, default routes leave it out) and its model is dropped. Bundles already
+        warm are not run again. Safe to call from any thread; never raises for a bundle.
+
+        Parameters
+        ----------
+        names : iterable of str, optional
+            Bundle names; all bundles (ready and refused) when omitted. An unknown name gives a
+            refused result saying so.
+
+        Returns
+        -------
+        list of WarmUpResult
+            One per bundle, in name order (the order of ``names`` when given).
+        """
+        from pacsai.inference.model import resolve_device
+
+        wanted = list(names) if names is not None else list(self.entries)
+        try:
+            device = str(resolve_device(self.device_setting))
+        except ModelError as exc:
+            return [
+                WarmUpResult(n, "refused", 0.0, 0.0, 0.0, self.device_setting, str(exc))
+                for n in wanted
+            ]
+        results = []
+        for name in wanted:
+            entry = self.entries.get(name)
+            if entry is None:
+                results.append(
+                    WarmUpResult(
+                        name,
+                        "refused",
+                        0.0,
+                        0.0,
+                        0.0,
+                        device,
+                        f"no model bundle named {name!r} in {self.models_dir}",
+                    )
+                )
+                continue
+            if entry.bundle is None:
+                results.append(
+                    WarmUpResult(name, "refused", 0.0, 0.0, 0.0, device, "; ".join(entry.problems))
+                )
+                continue
+            start = time.perf_counter()
+            run_seconds = 0.0
+            try:
+                model = self.load(name)
+                loaded = time.perf_counter() - start
+                if not model.warm:
+                    run_seconds = model.warm_up()
+                    log.info(
+                        "model %s warmed up on %s in %.1f s",
+                        name,
+                        device,
+                        run_seconds,
+                        extra={"action": "model_warm"},
+                    )
+            except ModelError as exc:
+                self._refuse(name, str(exc))
+                results.append(
+                    WarmUpResult(
+                        name,
+                        "refused",
+                        time.perf_counter() - start,
+                        time.perf_counter() - start,
+                        0.0,
+                        device,
+                        str(exc),
+                    )
+                )
+                continue
+            with self._lock:
+                current = self.entries.get(name)
+                if current is not None and current.bundle is not model.bundle:
+                    self.entries[name] = RegistryEntry(name, entry.path, model.bundle)
+            results.append(
+                WarmUpResult(
+                    name,
+                    "ready",
+                    loaded + run_seconds,
+                    loaded,
+                    run_seconds,
+                    device,
+                    notes=model.bundle.notes,
+                )
+            )
+        return results
+
+    def _refuse(self, name: str, reason: str) -> None:
+        """Refuse a bundle that failed to load or run, and drop its model."""
+        log.warning("model bundle refused: %s", reason, extra={"action": "bundle_refused"})
+        with self._lock:
+            entry = self.entries.get(name)
+            if entry is not None:
+                self.entries[name] = RegistryEntry(name, entry.path, None, (reason,))
+            for key in [k for k in self._loaded if k[0] == name]:
+                del self._loaded[key]
 
     def load(self, name: str) -> LoadedModel:
         """The loaded model for ``name`` on this registry's device (loaded once, then kept)."""

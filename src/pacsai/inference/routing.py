@@ -109,10 +109,19 @@ class StudyInfo:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One route firing on one series."""
+    """One route firing on one series (or, with ``channels:``, on one series per input).
+
+    Attributes
+    ----------
+    series:
+        The series the results refer to: the only one, or the first channel's.
+    channels:
+        With the route's ``channels:``: (channel name, series) in the route's order.
+    """
 
     route: Route
     series: SeriesInfo
+    channels: tuple[tuple[str, SeriesInfo], ...] = ()
 
 
 @dataclass
@@ -139,17 +148,29 @@ def routes_for(settings: Settings, bundles: Callable[[], Iterable[BundleInfo]]) 
 def default_routes(bundles: Iterable[BundleInfo], destinations: Sequence[str]) -> list[Route]:
     """The routes used when the configuration has no ``routes:``: one per bundle, by modality.
 
-    3D models take the largest series of their modality with at least 10 images; 2D models take
-    single images of theirs. Results go to every configured destination.
+    3D models take the largest series of their modality with at least 10 images; 2D
+    classification models take single images of theirs, 2D segmentation models any series (3D
+    ones slice by slice). A model that reads several series gets no default route: its route
+    must name them (``channels:``). Results go to every configured destination.
     """
     routes = []
     for bundle in bundles:
+        if len(bundle.inputs) > 1:
+            log.info(
+                "model %s reads %d series (%s): it runs only on a configured route that names "
+                "them (channels:)",
+                bundle.name,
+                len(bundle.inputs),
+                ", ".join(slot.name for slot in bundle.inputs),
+            )
+            continue
         modalities = list(bundle.modalities)
         series: dict[str, Any] = {"Modality": modalities}
         if bundle.spatial_dims == 3:
             series["min_instances"] = 10
-        else:
+        elif bundle.task == "classification":
             series["max_instances"] = 1
+        # a 2D segmentation model takes any series: 3D ones slice by slice
         routes.append(
             Route(
                 name=bundle.name,
@@ -171,6 +192,22 @@ def plan_study(study: StudyInfo, routes: Sequence[Route]) -> Plan:
         why_not = _study_mismatch(route.when, study)
         if why_not:
             plan.reasons.append(f"route {route.name!r}: {why_not}")
+            continue
+        if route.channels:
+            picked: list[tuple[str, SeriesInfo]] = []
+            for channel, rule in route.channels.items():
+                found, rejected = _select_series(
+                    rule.model_copy(update={"select": "largest"}), study.series
+                )
+                if not found:
+                    detail = "; ".join(rejected) if rejected else "the study has no series"
+                    plan.reasons.append(
+                        f"route {route.name!r}: no series for channel {channel!r} ({detail})"
+                    )
+                    break
+                picked.append((channel, found[0]))
+            else:
+                plan.runs.append(PlannedRun(route, picked[0][1], tuple(picked)))
             continue
         chosen, rejected = _select_series(route.series, study.series)
         if not chosen:

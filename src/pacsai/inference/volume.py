@@ -222,7 +222,12 @@ def read_series(paths: Sequence[Path]) -> list[Dataset]:
     return [_read(Path(path)) for path in paths]
 
 
-def load_datasets(datasets: Sequence[Dataset], *, spacing_tolerance: float = 0.05) -> Volume:
+def load_datasets(
+    datasets: Sequence[Dataset],
+    *,
+    spacing_tolerance: float = 0.05,
+    max_voxels: int | None = None,
+) -> Volume:
     """Build the volume of one series from data sets already read.
 
     Parameters
@@ -232,6 +237,10 @@ def load_datasets(datasets: Sequence[Dataset], *, spacing_tolerance: float = 0.0
     spacing_tolerance : float, optional
         Largest relative difference between a slice step and the median step (0.01 mm of
         absolute slack is added).
+    max_voxels : int, optional
+        Largest number of voxels (rows x columns x frames over all instances) to decode; a
+        larger series is refused from its headers, before any pixel is decoded or allocated
+        (``inference.max_voxels``). No limit when None.
 
     Returns
     -------
@@ -253,6 +262,8 @@ def load_datasets(datasets: Sequence[Dataset], *, spacing_tolerance: float = 0.0
         raise UnusableSeriesError("No instances were given, so there is no series to build.")
     label = _series_label(datasets[0])
     _check_instances(datasets, label)
+    if max_voxels is not None:
+        _check_size(datasets, label, max_voxels)
     first = datasets[0]
     if _is_projection(first):
         return _load_projection(datasets, label)
@@ -828,6 +839,29 @@ def _check_regular(
         f"be within {tolerance:.0%} of it (the first irregular step lies between "
         f"{distances[first]:.2f} and {distances[first + 1]:.2f} mm along the slice normal)."
     )
+
+
+def _check_size(datasets: Sequence[Dataset], label: str, max_voxels: int) -> None:
+    """Refuse a series larger than ``max_voxels`` from its headers alone."""
+    total = 0
+    for ds in datasets:
+        try:
+            rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        except (TypeError, ValueError) as exc:
+            raise UnusableSeriesError(
+                f"{label} cannot be used: instance {_text(ds, 'SOPInstanceUID')} has no valid "
+                "Rows, Columns or Number of Frames."
+            ) from exc
+        total += rows * columns * frames
+    if total > max_voxels:
+        first = datasets[0]
+        raise UnusableSeriesError(
+            f"{label} cannot be used: it holds {total:,} voxels ({len(datasets)} instances of "
+            f"{_text(first, 'Rows')} x {_text(first, 'Columns')}), more than "
+            f"inference.max_voxels ({max_voxels:,}); it was not decoded. Raise the limit if "
+            "such series are expected."
+        )
 
 
 # --- pixels --------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pacsai.db import (
 from pacsai.db.deliveries import add_objects, queue_deliveries
 from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
 from pacsai.errors import InferenceError, ModelError, ReportError, UnusableSeriesError
-from pacsai.inference.labels import voxel_counts
+from pacsai.inference.labels import label_voxel_counts
 from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import PlannedRun, plan_study, read_study, routes_for
 from pacsai.inference.volume import Volume, load_datasets, read_series
@@ -142,13 +142,20 @@ class JobRunner:
     ) -> int:
         with _timed(timings, "load_model"):
             model = self.registry.load(run.route.model)
+        max_voxels = self.settings.inference.max_voxels
         with _timed(timings, "volume"):
-            sources = read_series(run.series.paths)
-            volume = load_datasets(sources)
+            series = [run.series] if not run.channels else _by_input(run, model.bundle)
+            volumes = []
+            for index, one in enumerate(series):
+                datasets = read_series(one.paths)
+                volumes.append(load_datasets(datasets, max_voxels=max_voxels))
+                if index == 0:
+                    sources = datasets
             for ds in sources:  # the DICOM outputs need the headers, not the pixels
                 if "PixelData" in ds:
                     del ds.PixelData
-        output = model.predict(volume)
+            volume = volumes[0]
+        output = model.predict(volumes)
         for stage, seconds in output.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         bundle = model.bundle
@@ -308,6 +315,24 @@ class JobRunner:
         )
 
 
+def _by_input(run: PlannedRun, bundle: Any) -> list[Any]:
+    """The route's channel series in the order of the model's inputs (names matched loosely)."""
+    from pacsai.inference.labels import normalise_name
+
+    given = {normalise_name(name): series for name, series in run.channels}
+    wanted = [normalise_name(slot.name) for slot in bundle.inputs]
+    if sorted(given) != sorted(wanted):
+        raise ModelError(
+            f"route {run.route.name!r} names channels {', '.join(n for n, _ in run.channels)}; "
+            f"model {bundle.name!r} reads {', '.join(s.name for s in bundle.inputs)}: name one "
+            "series rule per model input"
+        )
+    first = normalise_name(run.channels[0][0])
+    ordered = [given[name] for name in wanted]
+    # The route's first channel is the grid the others are resampled onto.
+    return [given[first]] + [s for name, s in zip(wanted, ordered, strict=True) if name != first]
+
+
 def _short(error: Exception, limit: int = 800) -> str:
     """An error message short enough for a job's reason (a PyTorch error can run to pages)."""
     text = str(error)
@@ -325,10 +350,10 @@ def summarise(
         return {"probabilities": {k: round(v, 6) for k, v in probabilities.items()}}
     assert label_map is not None
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    counts = voxel_counts(label_map)
+    counts = label_voxel_counts(label_map, labels)
     found = []
     for label in labels:
-        voxels = int(counts[label.value]) if label.value < len(counts) else 0
+        voxels = counts[label.value]
         found.append(
             {
                 "value": label.value,

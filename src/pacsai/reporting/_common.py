@@ -103,12 +103,35 @@ class LabelCounts:
         Voxel count per label value, for every label of the bundle (0 when absent).
     """
 
-    label_map: NDArray[np.integer]
+    label_map: NDArray[np.integer] | NDArray[np.bool_]
     counts: dict[int, int]
+    channels: dict[int, int] | None = None
+
+    @property
+    def overlapping(self) -> bool:
+        """True for one mask per label (a multi-label model), whose labels may overlap."""
+        return self.label_map.ndim == 4
 
     def present(self, bundle: BundleInfo) -> list[LabelSemantics]:
         """The bundle's labels that have at least one voxel, in the bundle's order."""
         return [label for label in bundle.labels if self.counts[label.value] > 0]
+
+    def mask(self, label: LabelSemantics) -> NDArray[np.bool_]:
+        """Where ``label`` is, shape (slices, rows, columns)."""
+        if self.channels is not None:
+            return np.asarray(self.label_map[self.channels[label.value]], dtype=bool)
+        return np.asarray(self.label_map == label.value)
+
+    def flat(self, bundle: BundleInfo) -> NDArray[np.integer]:
+        """A label map of values: the map itself, or the masks painted in label order (a later
+        label covers an earlier one where they overlap)."""
+        if self.channels is None:
+            return self.label_map  # type: ignore[return-value]
+        dtype = np.uint8 if max(self.counts, default=0) < 256 else np.uint16
+        flat = np.zeros(self.label_map.shape[1:], dtype=dtype)
+        for label in bundle.labels:
+            flat[self.mask(label)] = label.value
+        return flat
 
 
 def check_uid(value: str | None, what: str) -> str | None:
@@ -139,10 +162,21 @@ def series_description(kind: str, bundle: BundleInfo) -> str:
 
     The model name and version are shortened when they are long; the warning never is.
     """
-    head = f"AI {kind} {bundle.name} {bundle.version}"
-    head = re.sub(r"[\\\x00-\x1f]", "_", head)
+    clean = [re.sub(r"[\\\x00-\x1f]", "_", part) for part in (bundle.name, bundle.version)]
+    name, version = clean
     room = _LO_MAX - len(_NOT_FOR_DIAGNOSIS)
-    return head[:room].rstrip() + _NOT_FOR_DIAGNOSIS
+    head = f"AI {kind} {name} {version}"
+    if len(head) > room:
+        # Shorten the model name at word boundaries, keeping its end and the whole version:
+        # "wholeBody_ct_segmentation" -> "...ct_segmentation", never "wholeBody_ct_segmen".
+        budget = room - len(f"AI {kind}  {version}") - len("...")
+        kept = ""
+        for word in reversed(re.split(r"(?<=[_\-\s.])", name)):
+            if len(kept) + len(word) > budget:
+                break
+            kept = word + kept
+        head = f"AI {kind} ...{kept} {version}" if kept else f"AI {kind} {version}"[:room]
+    return head.rstrip() + _NOT_FOR_DIAGNOSIS
 
 
 def lo(text: str) -> str:
@@ -277,13 +311,29 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
     if bundle.task != "segmentation":
         raise ValueError(f"bundle {bundle.name!r} is a {bundle.task} model: it has no label map")
     if isinstance(label_map, LabelCounts):  # checked once for all the objects of one result
-        if label_map.label_map.shape != volume.array.shape or set(label_map.counts) != {
+        if label_map.label_map.shape[-3:] != volume.array.shape or set(label_map.counts) != {
             label.value for label in bundle.labels
         }:
             raise ValueError("these label counts were made for another volume or bundle")
         return label_map
     if not isinstance(label_map, np.ndarray):
         raise TypeError(f"label_map must be a numpy array, not {type(label_map).__name__}")
+    if label_map.ndim == 4:  # one mask per label: a multi-label model's overlapping labels
+        if label_map.dtype != np.bool_:
+            raise TypeError(f"per-label masks must be boolean, not {label_map.dtype}")
+        if label_map.shape != (len(bundle.labels), *volume.array.shape):
+            raise ValueError(
+                f"label masks have shape {label_map.shape}, expected "
+                f"{(len(bundle.labels), *volume.array.shape)} (labels, slices, rows, columns)"
+            )
+        return LabelCounts(
+            label_map,
+            {
+                label.value: int(np.count_nonzero(mask))
+                for label, mask in zip(bundle.labels, label_map, strict=True)
+            },
+            {label.value: index for index, label in enumerate(bundle.labels)},
+        )
     if not np.issubdtype(label_map.dtype, np.integer):
         raise TypeError(f"label_map must hold integers, not {label_map.dtype}")
     if label_map.shape != volume.array.shape:

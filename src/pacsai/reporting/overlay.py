@@ -264,7 +264,7 @@ def build_overlay(
         )
     counts = check_label_map(label_map, volume, bundle)
     matched = match_sources(sources, volume)
-    labels = counts.label_map
+    labels = counts.flat(bundle)
 
     if only_slices_with_findings:
         slices = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)).tolist()

@@ -8,12 +8,14 @@ source images are handed to highdicom in that order (single-frame sources), or t
 put in the frame order of the one multi-frame source, so that every frame lands on its source.
 
 One segment per bundle label that has at least one voxel (Segment Description, PS3.3 C.8.20.2):
-label, Segmented Property Category and Type (CID 7150/7151) from the bundle, Recommended Display
+label, Segmented Property Category and Type (CID 7150/7151) from the bundle, with its laterality
+as Segmented Property Type Modifier when it has one, Recommended Display
 CIELab Value from its RGB colour, algorithm type AUTOMATIC and the Segmentation Algorithm
 Identification (family DCM 123110 Artificial Intelligence, name and version of the model, the
 version carrying the weights checksum). Segments are numbered 1, 2, ... in the bundle's label
 order, skipping absent labels, in both segmentation types: segment numbers are not label values.
 
+A multi-label model's masks (overlapping labels) always give a BINARY SEG, one segment per mask.
 A label map with no label at all gives no SEG: :func:`build_segmentation` raises
 :class:`EmptySegmentationError`, and the caller writes only the SR, which reports every label
 absent (:func:`pacsai.reporting.sr.build_measurement_report`).
@@ -147,13 +149,20 @@ def build_segmentation(
             "write; write the SR alone (it reports every label absent)"
         )
 
-    # Label values -> segment numbers; highdicom takes this "label-map style" array for both
-    # types and splits it into one binary frame per segment for BINARY.
-    dtype = np.uint8 if len(present) < 256 else np.uint16
-    lookup = np.zeros(max(counts.counts, default=0) + 1, dtype=dtype)
-    for number, label in enumerate(present, start=1):
-        lookup[label.value] = number
-    pixels = lookup[counts.label_map]
+    pixels: np.ndarray
+    if counts.overlapping:
+        # A multi-label model's masks may overlap: one binary plane per segment (frames, rows,
+        # columns, segments), which only BINARY can carry.
+        segmentation_type = "BINARY"
+        pixels = np.stack([counts.mask(label) for label in present], axis=-1).astype(np.uint8)
+    else:
+        # Label values -> segment numbers; highdicom takes this "label-map style" array for
+        # both types and splits it into one binary frame per segment for BINARY.
+        dtype = np.uint8 if len(present) < 256 else np.uint16
+        lookup = np.zeros(max(counts.counts, default=0) + 1, dtype=dtype)
+        for number, label in enumerate(present, start=1):
+            lookup[label.value] = number
+        pixels = lookup[counts.label_map]
     if matched.frame_order is not None:
         pixels = pixels[list(matched.frame_order)]
 
@@ -179,6 +188,11 @@ def build_segmentation(
             )
             for number, label in enumerate(present, start=1)
         ]
+        for description, label in zip(descriptions, present, strict=True):
+            if label.modifier is not None:  # laterality (PS3.3 C.8.20.2, Type 3)
+                description.SegmentedPropertyTypeCodeSequence[
+                    0
+                ].SegmentedPropertyTypeModifierCodeSequence = [coded_concept(label.modifier)]
         with source_person_names():
             segmentation = Segmentation(
                 source_images=list(matched.datasets),

@@ -509,7 +509,7 @@ def _segmentation_groups(
                 )
             )
             continue
-        mask = counts.label_map == label.value
+        mask = counts.mask(label)
         measurements = _region_measurements(volume, mask, count)
         present = [QualitativeEvaluation(finding, PRESENT)]
         slices = np.flatnonzero(mask.any(axis=(1, 2))).tolist()
