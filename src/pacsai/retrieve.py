@@ -331,7 +331,10 @@ def find_studies(source: Source, query: StudyQuery, *, calling_ae_title: str) ->
             query.identifier(), StudyRootQueryRetrieveInformationModelFind
         ):
             if "Status" not in status:
-                raise RetrieveError(f"{source.ae_title}: the C-FIND got no answer (timed out)")
+                raise RetrieveError(
+                    f"{source.ae_title} gave no answer to the C-FIND: it aborted the association "
+                    "or timed out (does it allow queries from this AE title and host?)"
+                )
             code = int(status.Status)
             if code in _PENDING and identifier is not None and "StudyInstanceUID" in identifier:
                 study = FoundStudy.from_identifier(identifier)
