@@ -23,7 +23,7 @@ from pacsai.reporting.hl7 import Acknowledgement
 from pacsai.scp.orders import OrderListener
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import db_rows, make_ct_series, wait_for, write_datasets
+from tests.support import db_rows, free_port, make_ct_series, wait_for, write_datasets
 
 QUIET = 60.0  # far longer than any wait below: a job before it came from the expectation
 
@@ -268,3 +268,12 @@ def test_a_study_whose_order_never_comes_completes_on_its_window(
         assert expectation.state is ExpectationState.WAITING  # still waiting for its own study
     finally:
         listener.stop()
+
+
+def test_serve_listens_for_orders_when_enabled(start_node: Callable[..., Node]) -> None:
+    port = free_port()
+    node = start_node(orders={"enabled": True, "host": "127.0.0.1", "port": port})
+    ack = _send(port, _order(accession="SERVE-1", study_uid=generate_uid(), status="CM"))
+    assert ack.code == "AA", ack.text
+    [expectation] = db_rows(node.database, StudyExpectation)
+    assert expectation.complete_now and expectation.accession_number == "SERVE-1"
