@@ -92,8 +92,11 @@ class _Modality:
 
 
 @pytest.fixture
-def modality(start_node: Callable[..., Node]) -> Iterator[tuple[Node, _Modality]]:
-    node = start_node(node={"study_quiet_seconds": QUIET})
+def modality(
+    database_url: str, start_node: Callable[..., Node]
+) -> Iterator[tuple[Node, _Modality]]:
+    """A node (on SQLite, then on PostgreSQL) and a modality associated with it."""
+    node = start_node(database_url, node={"study_quiet_seconds": QUIET})
     scu = _Modality(node.receiver.port)
     yield node, scu
     scu.release()
@@ -185,8 +188,9 @@ def _order(
 
 
 @pytest.fixture
-def orders(start_node: Callable[..., Node]) -> Iterator[tuple[Node, int]]:
-    node = start_node(node={"study_quiet_seconds": QUIET})
+def orders(database_url: str, start_node: Callable[..., Node]) -> Iterator[tuple[Node, int]]:
+    """A node (on SQLite, then on PostgreSQL) and an order listener beside it."""
+    node = start_node(database_url, node={"study_quiet_seconds": QUIET})
     listener = OrderListener(OrdersSettings(enabled=True, host="127.0.0.1", port=0), node.database)
     listener.start()
     yield node, listener.port
