@@ -11,10 +11,21 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsai.errors import ConfigError
@@ -25,20 +36,27 @@ __all__ = [
     "DatabaseSettings",
     "Destination",
     "DestinationTls",
+    "EmailDestination",
+    "FhirDestination",
+    "Hl7Destination",
     "InferenceSettings",
     "LoggingSettings",
     "NodeSettings",
+    "OrdersSettings",
     "Peer",
     "PriorityRule",
     "QueueSettings",
+    "ResultDestination",
     "Route",
     "SeriesRule",
     "Settings",
+    "Source",
     "StorageSettings",
     "StudyRule",
     "SyslogSettings",
     "TimeoutSettings",
     "TlsSettings",
+    "WebhookDestination",
     "load_settings",
 ]
 
@@ -107,6 +125,9 @@ class NodeSettings(_Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     receiver_processes: int = Field(default=1, ge=1, le=64)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Modality Performed Procedure Step on the DICOM port: a COMPLETED step tells study
+    # completion which series and how many instances to wait for (then no quiet window).
+    mpps: bool = True
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -287,8 +308,10 @@ class Destination(_Section):
 
     ``back_to_sender: true`` sends to the host the study came from, as its calling AE title,
     on ``port`` (the sender's own storage SCP port cannot be learnt from the association).
+    ``kind`` may be left out: a destination without one is a DICOM destination.
     """
 
+    kind: Literal["dicom"] = "dicom"
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -317,6 +340,159 @@ class Destination(_Section):
         if not self.back_to_sender and (self.host is None or self.ae_title is None):
             raise ValueError("a DICOM destination needs ae_title and host (or back_to_sender)")
         return self
+
+
+class _Retried(_Section):
+    """How often and how patiently a destination that is not DICOM is tried (as for DICOM)."""
+
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_seconds: float = Field(default=5.0, gt=0)  # first retry; doubles each time
+    max_backoff_seconds: float = Field(default=600.0, gt=0)
+
+
+def _reveal(value: SecretStr | None) -> str | None:
+    """Secrets dump as themselves, so that settings handed to a child process keep them;
+    ``repr`` and ``str`` of the settings still mask them."""
+    return None if value is None else value.get_secret_value()
+
+
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class Hl7Destination(_Retried):
+    """Results to a RIS as HL7 v2.5.1 ORU^R01 messages over MLLP (optionally TLS).
+
+    The MSH names ``sending_application``/``sending_facility`` and
+    ``receiving_application``/``receiving_facility``; ``processing_id`` is MSH-11 (P production,
+    T training, D debugging).
+    """
+
+    kind: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+    sending_application: str = "PACSAI"
+    sending_facility: str | None = None
+    receiving_application: str | None = None
+    receiving_facility: str | None = None
+    processing_id: Literal["P", "T", "D"] = "P"
+    patient_id_authority: str | None = None  # PID-3.4, the assigning authority of patient IDs
+
+
+class FhirDestination(_Retried):
+    """Results to a FHIR R4 server: one transaction Bundle (DiagnosticReport, Observations,
+    the ImagingStudy) POSTed to ``base_url``; ``token`` is sent as a Bearer token."""
+
+    kind: Literal["fhir"]
+    base_url: str
+    token: SecretStr | None = None
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+    patient_identifier_system: str | None = None  # e.g. the hospital's MRN system URI
+    accession_identifier_system: str | None = None  # e.g. the RIS's accession number system
+    identifier_system: str = "urn:pacsai:result"  # of the DiagnosticReport's own identifier
+
+    _url = field_validator("base_url")(_check_http_url)
+    _secret = field_serializer("token", when_used="json")(_reveal)
+
+
+class WebhookDestination(_Retried):
+    """Alerts for priority findings as an HTTP POST.
+
+    ``format: json`` posts pacsai's own JSON document; ``slack`` a Slack incoming-webhook body;
+    ``teams`` a Microsoft Teams (Workflows) message with an Adaptive Card. With a ``secret``,
+    every request carries ``X-Pacsai-Signature-256: sha256=<HMAC-SHA256 of the body>``.
+    """
+
+    kind: Literal["webhook"]
+    url: str
+    secret: SecretStr | None = None
+    format: Literal["json", "slack", "teams"] = "json"
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+
+    _url = field_validator("url")(_check_http_url)
+    _secret = field_serializer("secret", when_used="json")(_reveal)
+
+
+class EmailDestination(_Retried):
+    """Alerts for priority findings as e-mail over SMTP, with STARTTLS unless ``starttls`` is
+    false (only for a relay on the same host: the password would then cross in clear)."""
+
+    kind: Literal["email"]
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    ca: Path | None = None  # CA bundle to verify the server with (the system's by default)
+    check_hostname: bool = True
+    username: str | None = None
+    password: SecretStr | None = None
+    from_address: str = Field(min_length=3)
+    to: list[str] = Field(min_length=1)
+    subject_prefix: str = "[pacsai]"
+
+    _secret = field_serializer("password", when_used="json")(_reveal)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EmailDestination:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password, or neither")
+        if self.password is not None and not self.starttls:
+            raise ValueError("a password is only sent over STARTTLS (set starttls: true)")
+        return self
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dicom") if isinstance(value, dict) else getattr(value, "kind", None)
+    return str(kind or "dicom")
+
+
+#: Any entry of ``destinations:``, told apart by ``kind`` (``dicom`` when left out).
+ResultDestination = Annotated[
+    Annotated[Destination, Tag("dicom")]
+    | Annotated[Hl7Destination, Tag("hl7")]
+    | Annotated[FhirDestination, Tag("fhir")]
+    | Annotated[WebhookDestination, Tag("webhook")]
+    | Annotated[EmailDestination, Tag("email")],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_kind",
+        custom_error_message="kind must be one of dicom (the default), hl7, fhir, webhook, email",
+    ),
+]
+
+
+class Source(_Section):
+    """A PACS that `pacsai retrieve` queries (C-FIND) and retrieves studies from.
+
+    ``retrieve: move`` asks the PACS to C-MOVE each study to this node's AE title (the PACS must
+    know it, with this node's host and port); ``get`` fetches the instances over the query
+    association itself (C-GET), for a PACS that prefers it or cannot reach this node.
+    """
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    retrieve: Literal["move", "get"] = "move"
+    tls: DestinationTls = Field(default_factory=DestinationTls)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class OrdersSettings(_Section):
+    """The HL7 listener for orders (ORM^O01, OMI^O23) that tell study completion what to expect.
+
+    Only hosts in ``allowed_hosts`` may send (any host when empty): MLLP has no authentication.
+    """
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(default=2575, ge=0, le=65535)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(default=60.0, gt=0)  # idle connections are closed after it
 
 
 class ApiSettings(_Section):
@@ -395,7 +571,9 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     routes: list[Route] | None = None
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, ResultDestination] = Field(default_factory=dict)
+    sources: dict[str, Source] = Field(default_factory=dict)
+    orders: OrdersSettings = Field(default_factory=OrdersSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -412,6 +590,15 @@ class Settings(BaseSettings):
         # The YAML file arrives as init arguments; the environment overrides it.
         return (env_settings, init_settings)
 
+    @property
+    def dicom_destinations(self) -> dict[str, Destination]:
+        """The destinations of kind ``dicom`` (C-STORE or STOW-RS), by name."""
+        return {
+            name: destination
+            for name, destination in self.destinations.items()
+            if isinstance(destination, Destination)
+        }
+
     @model_validator(mode="after")
     def _routes_send_to_known_destinations(self) -> Settings:
         for route in self.routes or []:
@@ -420,6 +607,14 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"route {route.name!r} sends to {', '.join(unknown)}, "
                     "which is not under destinations:"
+                )
+            # The delivery workers send DICOM objects; results and alerts to the other kinds
+            # are built and sent by pacsai.reporting.hl7/fhir/alerts, not yet from a route.
+            other = [name for name in route.send_to if name not in self.dicom_destinations]
+            if other:
+                raise ValueError(
+                    f"route {route.name!r} sends to {', '.join(other)}, which is not a DICOM "
+                    "destination: routes send results to kind dicom only in this version"
                 )
         return self
 

@@ -32,6 +32,7 @@ from pacsai.db import (
 from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError, PacsaiError
 from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
+from pacsai.scp.orders import OrderListener
 
 if TYPE_CHECKING:
     from pacsai.api import ApiServer
@@ -91,6 +92,11 @@ class Node:
             self.database,
             interval=min(1.0, settings.node.study_quiet_seconds / 4),
             on_queued=self.workers.notify if self.workers else None,
+        )
+        self.orders = (
+            OrderListener(settings.orders, self.database, application=settings.node.ae_title)
+            if settings.orders.enabled
+            else None
         )
         self._stopped = threading.Event()
         self.audit_forwarder: SyslogForwarder | None = None
@@ -157,6 +163,8 @@ class Node:
             threading.Thread(
                 target=self.registry.warm_up, name="model-warm-up", daemon=True
             ).start()
+        if self.orders is not None:
+            self.orders.start()
         self._start_children()
         if self.workers is not None:
             self.workers.recover()
@@ -228,6 +236,8 @@ class Node:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        if self.orders is not None:
+            self.orders.stop()
         for child in self._children:
             child.join(self.settings.node.shutdown_grace_seconds + 10)
         self.completion.stop()

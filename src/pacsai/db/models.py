@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -36,6 +37,7 @@ __all__ = [
     "ConsoleSession",
     "Delivery",
     "DeliveryStatus",
+    "ExpectationState",
     "Instance",
     "Job",
     "JobStatus",
@@ -44,6 +46,7 @@ __all__ = [
     "ResultObject",
     "Series",
     "Study",
+    "StudyExpectation",
     "StudyStatus",
     "TokenRole",
     "UTCDateTime",
@@ -414,3 +417,44 @@ class ConsoleSession(Base):
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
+class ExpectationState(enum.StrEnum):
+    """Where an expectation of a study (from MPPS or an HL7 order) stands."""
+
+    IN_PROGRESS = "IN_PROGRESS"  # an MPPS step still running: nothing to expect yet
+    WAITING = "WAITING"  # the study completes as soon as what is expected has arrived
+    MET = "MET"  # the study completed through it, before its quiet window
+    SUPERSEDED = "SUPERSEDED"  # all of it arrived, but the quiet window completed the study first
+    DISCONTINUED = "DISCONTINUED"  # the MPPS step was discontinued: the quiet window decides
+    EXPIRED = "EXPIRED"  # no matching study got what was expected within its lifetime
+
+
+class StudyExpectation(Base):
+    """What an MPPS step or an HL7 order says a study will hold, or that it is complete.
+
+    It names the study by ``study_instance_uid``, else by ``accession_number``. A study it
+    names completes (and gets its job) once every series in ``expected_series`` (JSON: Series
+    Instance UID -> instance count or null) holds its instances and the study at least
+    ``expected_instances``, or at once with ``complete_now``; otherwise the quiet window applies.
+    ``reference`` is the MPPS SOP Instance UID, or ``<sending application>|<order>`` for HL7.
+    """
+
+    __tablename__ = "study_expectations"
+    __table_args__ = (UniqueConstraint("source", "reference"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(8))  # MPPS | HL7
+    reference: Mapped[str] = mapped_column(String(200))
+    state: Mapped[ExpectationState] = mapped_column(
+        _enum(ExpectationState, "expectation_state"), index=True
+    )
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    expected_series: Mapped[str | None] = mapped_column(Text)  # JSON object
+    complete_now: Mapped[bool] = mapped_column(Boolean, default=False)
+    actor: Mapped[str] = mapped_column(String(128))  # calling AE title or HL7 sending application
+    remote_address: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    met_at: Mapped[datetime | None]

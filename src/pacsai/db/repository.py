@@ -8,6 +8,7 @@ committed together or not at all.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,20 +22,24 @@ from pacsai.db.audit import AuditAction, AuditEventId, AuditOutcome, append_even
 from pacsai.db.models import (
     Association,
     AssociationOutcome,
+    ExpectationState,
     Instance,
     Job,
     JobStatus,
     Series,
     Study,
+    StudyExpectation,
     StudyStatus,
 )
 from pacsai.errors import InvalidInstanceError
 
 __all__ = [
+    "EXPECTATION_LIFETIME",
     "ReceivedInstance",
     "RecordResult",
     "StoreOutcome",
     "close_association",
+    "complete_expected_studies",
     "complete_quiet_studies",
     "find_instance",
     "interrupt_open_associations",
@@ -398,3 +403,97 @@ def complete_quiet_studies(*, session: Session, now: datetime) -> list[Job]:
         jobs.append(job)
     session.flush()
     return jobs
+
+
+#: An expectation whose study has not got what was expected after this long is dropped.
+EXPECTATION_LIFETIME = timedelta(days=2)
+
+
+def _expected_arrived(session: Session, expectation: StudyExpectation, study: Study) -> bool:
+    """Whether ``study`` holds everything ``expectation`` names (always, for complete_now)."""
+    if expectation.complete_now:
+        return True
+    if expectation.expected_instances and study.instance_count < expectation.expected_instances:
+        return False
+    wanted: dict[str, int | None] = json.loads(expectation.expected_series or "{}")
+    if not wanted:
+        return bool(expectation.expected_instances)
+    held = dict(
+        session.execute(
+            select(Series.series_instance_uid, Series.instance_count).where(
+                Series.study_id == study.id, Series.series_instance_uid.in_(wanted)
+            )
+        ).all()
+    )
+    return all(uid in held and held[uid] >= (count or 1) for uid, count in wanted.items())
+
+
+def complete_expected_studies(*, session: Session, now: datetime) -> list[Job]:
+    """Complete, before their quiet window, the studies whose expected content has arrived.
+
+    An expectation (a WAITING row of ``study_expectations``: an MPPS step COMPLETED, an HL7
+    order) names its study by Study Instance UID, else by accession number. When every series
+    it names holds its instances (and the study the instances it expects), or it says the study
+    is complete, the study is marked COMPLETE and one job is queued, guarded as in
+    :func:`complete_quiet_studies`; the expectation is MET. One whose study completed on its
+    quiet window with everything there is SUPERSEDED; one still unmet after
+    :data:`EXPECTATION_LIFETIME` is EXPIRED. Studies nobody announced keep the quiet window.
+    """
+    waiting = session.scalars(
+        select(StudyExpectation).where(StudyExpectation.state == ExpectationState.WAITING)
+    ).all()
+    jobs: list[Job] = []
+    for expectation in waiting:
+        if expectation.study_instance_uid:
+            match = Study.study_instance_uid == expectation.study_instance_uid
+        elif expectation.accession_number:
+            match = Study.accession_number == expectation.accession_number
+        else:
+            continue
+        studies = session.scalars(select(Study).where(match).order_by(Study.id)).all()
+        for study in studies:
+            if not _expected_arrived(session, expectation, study):
+                continue
+            if study.status is StudyStatus.COMPLETE:
+                expectation.state = ExpectationState.SUPERSEDED
+            else:
+                job = _complete_now(session, study, now)
+                if job is None:
+                    continue  # an instance arrived meanwhile: look again at the next check
+                jobs.append(job)
+                expectation.state = ExpectationState.MET
+                expectation.met_at = now
+            expectation.study_id = study.id
+            expectation.updated_at = now
+            break
+        else:
+            if expectation.updated_at + EXPECTATION_LIFETIME <= now:
+                expectation.state = ExpectationState.EXPIRED
+                expectation.updated_at = now
+    session.flush()
+    return jobs
+
+
+def _complete_now(session: Session, study: Study, now: datetime) -> Job | None:
+    """Mark a RECEIVING study COMPLETE and queue its job, unless an instance arrived since it
+    was read (then ``None``)."""
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.status == StudyStatus.RECEIVING,
+            Study.last_received_at == study.last_received_at,
+        )
+        .values(status=StudyStatus.COMPLETE, completed_at=now)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = Job(
+        study_id=study.id,
+        status=JobStatus.QUEUED,
+        instance_count=study.instance_count,
+        attempts=0,
+        created_at=now,
+    )
+    session.add(job)
+    return job

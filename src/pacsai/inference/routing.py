@@ -142,7 +142,7 @@ def routes_for(settings: Settings, bundles: Callable[[], Iterable[BundleInfo]]) 
     ``bundles`` (called only then)."""
     if settings.routes is not None:
         return list(settings.routes)
-    return default_routes(bundles(), list(settings.destinations))
+    return default_routes(bundles(), list(settings.dicom_destinations))
 
 
 def default_routes(bundles: Iterable[BundleInfo], destinations: Sequence[str]) -> list[Route]:

@@ -64,7 +64,7 @@ class DeliveryWorkers(PollingWorkers):
         """Send one claimed delivery and record the outcome."""
         with self.database.reading() as session:
             context = delivery_context(session=session, delivery_id=delivery_id)
-        destination = self.settings.destinations.get(context.destination)
+        destination = self.settings.dicom_destinations.get(context.destination)
         error: str | None = None
         permanent = False
         start = time.perf_counter()

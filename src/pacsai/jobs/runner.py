@@ -225,7 +225,7 @@ class JobRunner:
         from pacsai.reporting.outputs import write_result_objects
 
         route = run.route
-        destinations = self.settings.destinations
+        destinations = self.settings.dicom_destinations
         outputs = list(route.outputs)
         if any(destinations[name].overlay for name in route.send_to) and "overlay" not in outputs:
             outputs.append("overlay")

@@ -1,4 +1,5 @@
-"""Study assembly: a study is complete once no instance arrived for its quiet period.
+"""Study assembly: a study is complete once no instance arrived for its quiet period, or
+sooner when an MPPS step or an HL7 order said what it holds and all of that has arrived.
 
 The timer is derived from ``studies.last_received_at`` in the database, not from memory, so
 studies still receiving when the node stopped resume their timers after a restart.
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from pacsai.db import Database, Job, utcnow
-from pacsai.db.repository import complete_quiet_studies
+from pacsai.db.repository import complete_expected_studies, complete_quiet_studies
 from pacsai.errors import PacsaiError
 
 __all__ = ["StudyCompletionMonitor"]
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class StudyCompletionMonitor:
-    """Checks every `interval` seconds for quiet studies and queues one job for each.
+    """Checks every `interval` seconds for studies whose expected content has arrived and for
+    quiet studies, and queues one job for each.
 
     Safe to run in several processes against one database: completion is a guarded update, so a
     study completes once.
@@ -40,9 +42,12 @@ class StudyCompletionMonitor:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[Job]:
-        """Complete every study that is quiet now; return the jobs queued."""
+        """Complete every study that has what was expected of it, or is quiet, now; return the
+        jobs queued."""
         with self.database.transaction() as session:
-            jobs = complete_quiet_studies(session=session, now=utcnow())
+            now = utcnow()
+            jobs = complete_expected_studies(session=session, now=now)
+            jobs += complete_quiet_studies(session=session, now=now)
         for job in jobs:
             log.info(
                 "study complete, job %d queued (%d instances)",

@@ -26,7 +26,7 @@ from pacsai.scp.status import StoreStatus
 if TYPE_CHECKING:
     from pacsai.scp.server import Receiver
 
-__all__ = ["handle_association", "handle_echo", "handle_store"]
+__all__ = ["handle_association", "handle_echo", "handle_n_create", "handle_n_set", "handle_store"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,36 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
         )
         return _response(status, str(exc) if isinstance(exc, PacsaiError) else "internal error")
     return _response(StoreStatus.SUCCESS)
+
+
+def handle_n_create(event: Any, receiver: Receiver) -> tuple[int, Dataset | None]:
+    """N-CREATE of a Modality Performed Procedure Step (the only SOP class offered for it)."""
+    try:
+        status = receiver.mpps.create(
+            event.request.AffectedSOPInstanceUID,
+            event.attribute_list,
+            actor=receiver.state_of(event.assoc).calling_ae_title,
+            remote_address=str(event.assoc.requestor.address),
+        )
+    except Exception:
+        log.exception("unexpected error in an MPPS N-CREATE", extra={"action": "mpps"})
+        return 0x0110, None
+    return int(status), event.attribute_list if status == 0 else None
+
+
+def handle_n_set(event: Any, receiver: Receiver) -> tuple[int, Dataset | None]:
+    """N-SET of a Modality Performed Procedure Step."""
+    try:
+        modifications = event.modification_list
+        status = receiver.mpps.update(
+            event.request.RequestedSOPInstanceUID,
+            modifications,
+            actor=receiver.state_of(event.assoc).calling_ae_title,
+        )
+    except Exception:
+        log.exception("unexpected error in an MPPS N-SET", extra={"action": "mpps"})
+        return 0x0110, None
+    return int(status), modifications if status == 0 else None
 
 
 _OUTCOMES = {

@@ -33,12 +33,22 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    Verification,
+)
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsai.config import NodeSettings
 from pacsai.errors import ConfigError, PacsaiError, ReceiveError
-from pacsai.scp.handlers import handle_association, handle_echo, handle_store
+from pacsai.scp.handlers import (
+    handle_association,
+    handle_echo,
+    handle_n_create,
+    handle_n_set,
+    handle_store,
+)
+from pacsai.scp.mpps import MppsService
 from pacsai.scp.policy import AssociationPolicy
 from pacsai.scp.store import AssociationState, InstanceStore
 
@@ -248,6 +258,7 @@ class Receiver:
         self.settings_node = node
         self.instances = instances
         self.policy = AssociationPolicy(node, max_associations=max_associations)
+        self.mpps = MppsService(instances.database)
         self.reuse_port = reuse_port
         self._states: dict[Association, AssociationState] = {}
         self._lock = threading.Lock()
@@ -269,6 +280,10 @@ class Receiver:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if node.mpps:
+            ae.add_supported_context(
+                ModalityPerformedProcedureStep, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
         return ae
 
     @property
@@ -292,6 +307,8 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self]),
+            (evt.EVT_N_CREATE, handle_n_create, [self]),
+            (evt.EVT_N_SET, handle_n_set, [self]),
         ]
         handlers += [
             (event, handle_association, [self])

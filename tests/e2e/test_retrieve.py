@@ -1,0 +1,206 @@
+"""Pulling studies from a real PACS (Orthanc): C-FIND by accession and by date range, C-MOVE
+into a real `pacsai serve` whose job then runs, C-GET through the receive path, a refused move
+reported with its status, and "nothing found" for an unknown accession."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from pacsai.config import Source
+from pacsai.db import AuditEvent, Database, Instance, Job, JobStatus, Study
+from pacsai.demo.orthanc import Orthanc
+from pacsai.phantom import write_phantom
+from pacsai.retrieve import StudyQuery, StudyRetrieval, find_studies, retrieve_studies
+from pacsai.scp import InstanceStore
+from pacsai.service import Node
+from tests.support import (
+    REPO,
+    ServeProcess,
+    db_rows,
+    free_port,
+    make_ct_series,
+    wait_for,
+    write_datasets,
+)
+
+pytestmark = [pytest.mark.orthanc]
+
+TIMEOUT = 300.0  # a job on a busy CPU, with the model loading on first use
+
+
+def _known_to(make_orthanc: Callable[..., Orthanc], port: int | None = None) -> Orthanc:
+    """An Orthanc (not started) that knows pacsai as modality PACSAI (it refuses queries and
+    retrieves from AE titles it does not know)."""
+    return make_orthanc(modalities={"PACSAI": ("PACSAI", "127.0.0.1", port or free_port())})
+
+
+def _source(pacs: Orthanc, **extra: Any) -> Source:
+    return Source(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port, **extra)
+
+
+def _old_and_new(pacs: Orthanc, tmp_path: Path) -> None:
+    """Two small CT studies in Orthanc: OLD-1 of 2025-12-15 and NEW-1 of 2026-03-02."""
+    for accession, study_date in (("OLD-1", "20251215"), ("NEW-1", "20260302")):
+        series = make_ct_series(4, study_uid=generate_uid())
+        for ds in series:
+            ds.AccessionNumber = accession
+            ds.StudyDate = study_date
+        pacs.upload_all(write_datasets(series, tmp_path / accession))
+
+
+def _pacsai(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pacsai.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+def test_c_find_by_accession_and_by_date_range(
+    make_orthanc: Callable[..., Orthanc], tmp_path: Path
+) -> None:
+    pacs = _known_to(make_orthanc).start()
+    _old_and_new(pacs, tmp_path)
+    source = _source(pacs)
+
+    def accessions(**criteria: Any) -> list[str | None]:
+        found = find_studies(source, StudyQuery(**criteria), calling_ae_title="PACSAI")
+        return sorted(study.accession_number for study in found)
+
+    assert accessions(accession_number="OLD-1") == ["OLD-1"]
+    assert accessions(since=date(2026, 1, 1)) == ["NEW-1"]
+    assert accessions(since=date(2025, 12, 1), until=date(2025, 12, 31)) == ["OLD-1"]
+    assert accessions(since=date(2025, 1, 1), modality="CT") == ["NEW-1", "OLD-1"]
+    assert accessions(since=date(2025, 1, 1), modality="MR") == []
+    assert accessions(accession_number="NO-SUCH") == []
+    [study] = find_studies(source, StudyQuery(accession_number="NEW-1"), calling_ae_title="PACSAI")
+    assert study.study_date == "20260302"
+    assert study.modalities == ("CT",)
+    assert study.instances == 4
+    assert study.patient_id == "PACSAI-TEST-001"
+
+
+def test_an_unknown_accession_says_nothing_found(
+    make_orthanc: Callable[..., Orthanc],
+    serve_process: Callable[..., ServeProcess],
+    tmp_path: Path,
+) -> None:
+    pacs = make_orthanc()
+    server = serve_process(sources={"pacs": _source(pacs).model_dump(mode="json")})
+    pacs.modalities["PACSAI"] = ("PACSAI", "127.0.0.1", server.port)
+    pacs.start()
+
+    result = _pacsai(server.config, "retrieve", "--from", "pacs", "--accession", "NO-SUCH")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nothing found on pacs for accession NO-SUCH" in result.stderr
+    database = Database(server.settings.database.url)
+    [query] = db_rows(database, AuditEvent, AuditEvent.event_id == "110112")
+    assert '"studies_found":0' in (query.detail or "").replace(" ", "")
+    database.dispose()
+
+
+@pytest.mark.slow
+def test_c_move_into_pacsai_serve_runs_the_job(
+    make_orthanc: Callable[..., Orthanc],
+    serve_process: Callable[..., ServeProcess],
+    tmp_path: Path,
+) -> None:
+    pacs = make_orthanc()
+    server = serve_process(
+        sources={"pacs": _source(pacs).model_dump(mode="json")},
+        queue={"local_workers": 1, "poll_seconds": 0.2},
+        inference={"models_dir": str(REPO / "models"), "device": "cpu"},
+    )
+    pacs.modalities["PACSAI"] = ("PACSAI", "127.0.0.1", server.port)
+    pacs.start()
+    phantom = write_phantom("ct", tmp_path / "phantom", seed=3)
+    answers = pacs.upload_all(phantom.paths)
+    accession = str(pacs.instance_tags(answers[0]["ID"])["AccessionNumber"])
+
+    result = _pacsai(server.config, "retrieve", "--from", "pacs", "--accession", accession)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 of 1 studies retrieved" in result.stdout
+    assert f"retrieved {accession}: {len(phantom.paths)} instances" in result.stdout
+    database = Database(server.settings.database.url)
+
+    def finished() -> list[Job]:
+        jobs = db_rows(database, Job)
+        return jobs if jobs and jobs[0].status in JobStatus.finished() else []
+
+    [job] = wait_for(finished, timeout=TIMEOUT, interval=0.5)
+    assert job.status is JobStatus.SUCCEEDED, job.reason
+    [study] = db_rows(database, Study)
+    assert study.study_instance_uid == phantom.study_instance_uid
+    assert study.instance_count == len(phantom.paths)
+    [imported] = db_rows(database, AuditEvent, AuditEvent.event_id == "110107")
+    assert imported.study_instance_uid == phantom.study_instance_uid
+    assert imported.outcome == 0
+    assert imported.actor.startswith("cli:")
+    database.dispose()
+
+
+def test_c_get_stores_through_the_receive_path(
+    make_orthanc: Callable[..., Orthanc],
+    start_node: Callable[..., Node],
+    tmp_path: Path,
+) -> None:
+    node = start_node()
+    pacs = _known_to(make_orthanc, node.receiver.port).start()
+    _old_and_new(pacs, tmp_path)
+    source = _source(pacs, retrieve="get")
+    found = find_studies(source, StudyQuery(accession_number="NEW-1"), calling_ae_title="PACSAI")
+    progress: list[tuple[int | None, int]] = []
+
+    def on_progress(retrieval: StudyRetrieval) -> None:
+        progress.append((retrieval.remaining, retrieval.completed))
+
+    [retrieval] = retrieve_studies(
+        source,
+        found,
+        calling_ae_title="PACSAI",
+        instances=InstanceStore(database=node.database, spool=node.spool),
+        quiet_seconds=1.0,
+        on_progress=on_progress,
+    )
+
+    assert retrieval.succeeded, retrieval.status_text
+    assert (retrieval.completed, retrieval.stored) == (4, 4)
+    assert all(remaining is not None for remaining, _ in progress)
+    instances = db_rows(node.database, Instance)
+    assert len(instances) == 4
+    assert {i.calling_ae_title for i in instances} == {pacs.ae_title}
+    # The study completes on its quiet window like a pushed one and gets a job.
+    [job] = wait_for(lambda: db_rows(node.database, Job), timeout=30)
+    assert job.instance_count == 4
+
+
+def test_a_refused_move_is_reported_with_its_status(
+    make_orthanc: Callable[..., Orthanc], tmp_path: Path
+) -> None:
+    pacs = _known_to(make_orthanc).start()
+    _old_and_new(pacs, tmp_path)
+    source = _source(pacs)
+    found = find_studies(source, StudyQuery(since=date(2025, 1, 1)), calling_ae_title="PACSAI")
+    assert len(found) == 2
+
+    results = retrieve_studies(source, found, calling_ae_title="PACSAI", move_destination="NOBODY")
+
+    for retrieval in results:
+        assert not retrieval.succeeded
+        assert retrieval.status is not None and retrieval.status != 0
+        assert retrieval.status_text.startswith(f"0x{retrieval.status:04X}")
