@@ -417,6 +417,8 @@ class ConsoleSession(Base):
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
+
+
 class ExpectationState(enum.StrEnum):
     """Where an expectation of a study (from MPPS or an HL7 order) stands."""
 
