@@ -88,16 +88,21 @@ def _dints_architecture(path: Path, config: dict[str, object]) -> None:
     )
 
 
-def prepare_bundle(name: str, models_dir: Path, *, seed: int = 0) -> Path:
-    """Copy zoo bundle ``name`` into ``models_dir`` and save random weights where it loads them.
+def prepare_bundle(name: str | Path, models_dir: Path, *, seed: int = 0) -> Path:
+    """Copy a zoo bundle into ``models_dir`` and save random weights where it loads them.
 
-    A bundle whose ``network_def`` cannot be built here (a missing package) gets no weights:
-    the check refuses it for the package, which is what the test wants to see.
+    ``name`` is a bundle of the shared zoo, or the path of any bundle directory. A bundle whose
+    ``network_def`` cannot be built here (a missing package) gets no weights: the check refuses
+    it for the package, which is what the test wants to see.
     """
-    source = zoo_dir()
-    assert source is not None, "no zoo bundles (../shared/zoo or PACSAI_TEST_ZOO)"
-    bundle = models_dir / name
-    shutil.copytree(source / name, bundle)
+    if isinstance(name, Path):
+        origin = name
+    else:
+        source = zoo_dir()
+        assert source is not None, "no zoo bundles (../shared/zoo or PACSAI_TEST_ZOO)"
+        origin = source / name
+    bundle = models_dir / origin.name
+    shutil.copytree(origin, bundle)
     config = load_config(_config_file(bundle))
     arch = config.get("arch_ckpt_path")
     if isinstance(arch, str):
