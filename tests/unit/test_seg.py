@@ -18,7 +18,14 @@ from pacsai.inference.labels import Code
 from pacsai.inference.volume import load_datasets
 from pacsai.reporting import EmptySegmentationError, build_segmentation, result_uid
 from pacsai.reporting.codes import ALGORITHM_FAMILY
-from tests.dicom_checks import PhantomCase, dciodvfy, demo_bundle, phantom_case, to_grid
+from tests.dicom_checks import (
+    LABELMAP_UNKNOWN_TO_DCIODVFY,
+    PhantomCase,
+    dciodvfy,
+    demo_bundle,
+    phantom_case,
+    to_grid,
+)
 
 PATIENT_AND_STUDY = (
     "PatientName",
@@ -30,14 +37,6 @@ PATIENT_AND_STUDY = (
     "StudyTime",
     "StudyID",
     "AccessionNumber",
-)
-# dicom3tools 2022 predates the Label Map Segmentation IOD (DICOM 2024): it finds no IOD for the
-# SOP Class and takes the background segment (number 0, which that IOD has) for a Segmentation
-# Storage error. Any other error fails the test.
-LABELMAP_UNKNOWN_TO_DCIODVFY = (
-    "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence "
-    "item number 1 (from one) with SegmentNumber of 0",
 )
 
 
