@@ -268,7 +268,7 @@ def build_segmentation(
     if transfer_syntax_uid not in _TRANSFER_SYNTAXES[segmentation_type]:
         allowed = " or ".join(UID(uid).name for uid in _TRANSFER_SYNTAXES[segmentation_type])
         raise ValueError(
-            f"a {segmentation_type} SEG is written in {allowed}, not {UID(transfer_syntax_uid)}"
+            f"a {segmentation_type} SEG is written in {allowed}, not {UID(transfer_syntax_uid).name}"
         )
     check_positive_int(series_number, "series_number")
     check_positive_int(instance_number, "instance_number")
