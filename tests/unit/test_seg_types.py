@@ -38,7 +38,7 @@ from pacsai.reporting.variants import binary_variant
 from tests.dicom_checks import PhantomCase, dciodvfy, known_errors
 
 SEG_TYPES = ("BINARY", "LABELMAP")
-SEGMENTS = (1, 100)
+SEGMENTS = (1, pytest.param(100, marks=pytest.mark.slow))
 # Attributes that differ between two builds of the same SEG: creation times and the UIDs
 # highdicom makes up for the dimension organisation and its own contribution.
 VOLATILE = {
@@ -79,7 +79,7 @@ def compact_label_map(shape: tuple[int, ...], count: int) -> np.ndarray:
     return label_map
 
 
-@pytest.fixture(scope="module", params=SEGMENTS, ids=lambda n: f"{n}-segments")
+@pytest.fixture(scope="module", params=SEGMENTS, ids=["1-segment", "100-segments"])
 def case(
     request: pytest.FixtureRequest, ct: PhantomCase, ct_bundle: BundleInfo
 ) -> tuple[BundleInfo, np.ndarray]:
