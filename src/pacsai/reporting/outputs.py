@@ -49,7 +49,7 @@ from pacsai.reporting.seg import (
     referenced_segmentation,
 )
 from pacsai.reporting.sr import build_measurement_report
-from pacsai.reporting.transfer import STORED_TRANSFER_SYNTAXES
+from pacsai.reporting.transfer import STORED_TRANSFER_SYNTAXES, save
 
 __all__ = ["WrittenObject", "write_result_objects"]
 
@@ -180,9 +180,7 @@ def _threads() -> int:
 
 def _write(results_dir: Path, relative: Path, kind: str, dataset: Dataset) -> WrittenObject:
     """Write atomically (temp file, fsync, rename)."""
-    write_atomically(
-        results_dir / relative, lambda handle: dataset.save_as(handle, enforce_file_format=True)
-    )
+    write_atomically(results_dir / relative, lambda handle: save(dataset, handle))
     return WrittenObject(
         kind=kind,
         sop_class_uid=str(dataset.SOPClassUID),

@@ -267,9 +267,8 @@ def build_segmentation(
         raise ValueError(f"segmentation_type must be BINARY or LABELMAP, got {segmentation_type!r}")
     if transfer_syntax_uid not in _TRANSFER_SYNTAXES[segmentation_type]:
         allowed = " or ".join(UID(uid).name for uid in _TRANSFER_SYNTAXES[segmentation_type])
-        raise ValueError(
-            f"a {segmentation_type} SEG is written in {allowed}, not {UID(transfer_syntax_uid).name}"
-        )
+        given = UID(transfer_syntax_uid).name
+        raise ValueError(f"a {segmentation_type} SEG is written in {allowed}, not {given}")
     check_positive_int(series_number, "series_number")
     check_positive_int(instance_number, "instance_number")
     series_uid = check_uid(series_instance_uid, "series_instance_uid") or hd.UID()

@@ -86,6 +86,7 @@ from pacsai.reporting._common import (
     series_description,
     source_person_names,
 )
+from pacsai.reporting._highdicom_compat import comprehensive_3d_sr
 from pacsai.reporting._uids import result_uid
 from pacsai.reporting.codes import (
     ABSENT,
@@ -189,7 +190,7 @@ def build_measurement_report(
     manufacturer_model_name: str = "pacsai",
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
     software_versions: str = pacsai.__version__,
-) -> Comprehensive3DSR:
+) -> Dataset:
     """Build the TID 1500 Measurement Report of a model's output.
 
     Parameters
@@ -224,7 +225,9 @@ def build_measurement_report(
 
     Returns
     -------
-    highdicom.sr.Comprehensive3DSR
+    pydicom.dataset.Dataset
+        The Comprehensive 3D SR document, to write (read it back with
+        ``highdicom.sr.Comprehensive3DSR.from_dataset`` to walk its content).
 
     Raises
     ------
@@ -318,9 +321,9 @@ def build_measurement_report(
             imaging_measurements=groups,
         )
         with source_person_names():
-            return Comprehensive3DSR(
+            return comprehensive_3d_sr(
                 evidence=evidence,
-                content=report,
+                content=report[0],
                 series_instance_uid=series_uid,
                 series_number=series_number,
                 sop_instance_uid=sop_uid,

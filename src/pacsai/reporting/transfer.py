@@ -14,15 +14,17 @@ Instance UID stays the same, as for any change of transfer syntax.
 
 from __future__ import annotations
 
+import io
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -33,7 +35,13 @@ from pydicom.uid import (
 
 from pacsai.errors import DeliveryError
 
-__all__ = ["FALLBACK_TRANSFER_SYNTAXES", "STORED_TRANSFER_SYNTAXES", "reencode"]
+__all__ = [
+    "DEFLATE_LEVEL",
+    "FALLBACK_TRANSFER_SYNTAXES",
+    "STORED_TRANSFER_SYNTAXES",
+    "reencode",
+    "save",
+]
 
 #: Transfer syntax each kind of object is written in: lossless compression where the object
 #: allows it. LABELMAP frames compress best with JPEG-LS (a 512x512 frame in 0.3 ms, to about
@@ -45,12 +53,43 @@ STORED_TRANSFER_SYNTAXES: dict[str, UID] = {
     "SR": ExplicitVRLittleEndian,
 }
 
+#: zlib level of a deflated object. A BINARY SEG's masks deflate to about 1/100 at any level; on a
+#: 104-label SEG level 1 takes a third of the time of zlib's default (6), for files ~30% larger.
+DEFLATE_LEVEL = 1
+
 #: What a peer that does not accept an object's own transfer syntax is offered instead, best
 #: first.
 FALLBACK_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 _PREAMBLE = 128
 _CHUNK = 1 << 20
+
+
+def save(dataset: Dataset, handle: BinaryIO) -> None:
+    """Write ``dataset`` as a DICOM file (PS3.10) in its file meta's transfer syntax.
+
+    pydicom's writer deflates at zlib's default level; a deflated data set is written here the
+    same way (preamble, file meta, the Explicit VR Little Endian data set deflated, PS3.5 A.5)
+    at :data:`DEFLATE_LEVEL`.
+    """
+    if dataset.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
+        dataset.save_as(handle, enforce_file_format=True)
+        return
+    encoded = io.BytesIO()
+    writer = DicomFileLike(encoded)
+    writer.is_little_endian, writer.is_implicit_VR = True, False
+    write_dataset(writer, dataset)
+    compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with encoded.getbuffer() as view:
+        deflated = compressor.compress(view) + compressor.flush()
+    encoded.close()
+    output = DicomFileLike(handle)
+    output.is_little_endian, output.is_implicit_VR = True, False
+    output.write(b"\x00" * _PREAMBLE + b"DICM")
+    write_file_meta_info(output, dataset.file_meta, enforce_standard=True)
+    output.write(deflated)
+    if len(deflated) % 2:
+        output.write(b"\x00")
 
 
 def reencode(source: Path, target: Path, transfer_syntax_uid: UID) -> None:

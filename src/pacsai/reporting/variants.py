@@ -31,7 +31,7 @@ from pacsai.errors import ReportError
 from pacsai.reporting._uids import result_uid
 from pacsai.reporting.binary_seg import binary_from_labelmap
 from pacsai.reporting.sr import retarget_report
-from pacsai.reporting.transfer import STORED_TRANSFER_SYNTAXES
+from pacsai.reporting.transfer import STORED_TRANSFER_SYNTAXES, save
 
 __all__ = ["BinaryVariant", "binary_variant"]
 
@@ -105,7 +105,7 @@ def binary_variant(labelmap: Path, reports: Sequence[Path]) -> BinaryVariant:
 
 
 def _save(path: Path, dataset: Dataset) -> None:
-    write_atomically(path, lambda handle: dataset.save_as(handle, enforce_file_format=True))
+    write_atomically(path, lambda handle: save(dataset, handle))
 
 
 def _beside(path: Path) -> Path:
