@@ -1,12 +1,16 @@
 """What a destination receives depends on what it accepts: the Label Map SEG where it takes that
 SOP Class, else the BINARY form of the result; each object compressed where it takes that
 transfer syntax, else re-encoded. Real pynetdicom storage SCPs on loopback, each with only the
-presentation contexts a test gives it."""
+presentation contexts a test gives it, and a STOW-RS endpoint that refuses the Label Map SEG."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -208,3 +212,83 @@ def test_a_peer_taking_no_segmentation_refuses_the_delivery_for_good(
         refused.value
     )
     assert list(folder.iterdir()) == []  # not the SR alone either
+
+
+class _StowServer(ThreadingHTTPServer):
+    """A STOW-RS endpoint (PS3.18 10.5) that refuses the Label Map Segmentation SOP Class, as
+    a DICOMweb server that does not know it answers (409 with a Failed SOP Sequence, Failure
+    Reason 0x0122 SOP Class Not Supported), and keeps every instance it accepts."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _StowHandler)
+        self.folder = folder
+        self.requests: list[list[str]] = []  # SOP Class UIDs per request
+
+
+class _StowHandler(BaseHTTPRequestHandler):
+    server: _StowServer
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        boundary = self.headers["Content-Type"].split("boundary=")[1].encode()
+        parts = [
+            part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")
+            for part in body.split(b"--" + boundary)
+            if b"application/dicom" in part
+        ]
+        datasets = [pydicom.dcmread(BytesIO(part)) for part in parts]
+        self.server.requests.append([str(ds.SOPClassUID) for ds in datasets])
+        refused = [ds for ds in datasets if ds.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE]
+        if refused:
+            failed = [
+                {
+                    "00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
+                    "00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]},
+                    "00081197": {"vr": "US", "Value": [0x0122]},
+                }
+                for ds in refused
+            ]
+            answer, status = {"00081198": {"vr": "SQ", "Value": failed}}, 409
+        else:
+            for part, ds in zip(parts, datasets, strict=True):
+                (self.server.folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(part)
+            answer, status = {}, 200
+        payload = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def test_a_stow_server_refusing_the_label_map_gets_the_binary_form(
+    result: tuple[PhantomCase, list[WrittenObject]], tmp_path: Path
+) -> None:
+    case, objects = result
+    seg, sr = objects
+    server = _StowServer(tmp_path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        destination = Destination(stow_url=url)
+        receipt = send(
+            Peer("web", destination, None, None), [seg.path, sr.path], calling_ae_title="PACSAI"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert server.requests == [
+        [LABEL_MAP_SEGMENTATION_STORAGE],  # alone first: refused, so no SR refers to it there
+        [SegmentationStorage, "1.2.840.10008.5.1.4.1.1.88.34"],
+    ]
+    assert receipt.seg_type == "BINARY"
+    got = received(tmp_path)
+    assert got["SEG"].SOPInstanceUID == str(result_uid(seg.sop_instance_uid, "BINARY"))
+    same_segmentation(got["SEG"], seg.path, case)
+    references = {group["referenced_sop_instance_uid"] for group in read_measurements(got["SR"])}
+    assert references == {got["SEG"].SOPInstanceUID}

@@ -210,8 +210,10 @@ def _as_binary(objects: Sequence[_Object], peer: Peer) -> list[_Object]:
         tied = [o for o in reports if labelmap.sop_instance_uid in o.references]
         try:
             variant = binary_variant(labelmap.path, [o.path for o in tied])
-        except ReportError as exc:
-            raise DeliveryFailure(f"{peer.describe()}: {exc}", permanent=True) from exc
+        except ReportError as exc:  # a full disk passes; a damaged result does not
+            raise DeliveryFailure(
+                f"{peer.describe()}: {exc}", permanent=not isinstance(exc.__cause__, OSError)
+            ) from exc
         for original, path in [(labelmap, variant.seg)] + [
             (o, variant.reports[o.path]) for o in tied
         ]:
@@ -273,7 +275,7 @@ def _c_store(peer: Peer, objects: Sequence[_Object], calling_ae_title: str) -> D
                 plan = _as_binary(objects, peer)
             failures: list[tuple[Path, str]] = []
             sent: list[SentObject] = []
-            for o in plan:
+            for index, o in enumerate(plan):
                 syntax = _syntax_for(o, accepted)
                 if syntax is None:
                     failures.append(
@@ -282,11 +284,14 @@ def _c_store(peer: Peer, objects: Sequence[_Object], calling_ae_title: str) -> D
                     continue
                 path = o.sent
                 if syntax != o.transfer_syntax_uid:
-                    path = Path(temp) / f"{len(sent)}-{o.sent.name}"
+                    path = Path(temp) / f"{index}-{o.sent.name}"
                     try:
                         reencode(o.sent, path, UID(syntax))
                     except DeliveryError as exc:
-                        raise DeliveryFailure(f"{peer.describe()}: {exc}", permanent=True) from exc
+                        raise DeliveryFailure(
+                            f"{peer.describe()}: {exc}",
+                            permanent=not isinstance(exc.__cause__, OSError),
+                        ) from exc
                 outcome, detail, ok = store_file(assoc, path)
                 if ok:
                     sent.append(o.receipt(syntax))
@@ -314,8 +319,9 @@ def _syntax_for(o: _Object, accepted: set[tuple[str, str]]) -> str | None:
 
 
 def _seg_type(sent: Sequence[SentObject]) -> str | None:
-    types = {_SEGMENTATION_CLASSES.get(o.sop_class_uid) for o in sent} - {None}
-    return types.pop() if len(types) == 1 else ("LABELMAP" if types else None)
+    """LABELMAP or BINARY: the type of the SEG sent (None: no SEG)."""
+    types = {_SEGMENTATION_CLASSES.get(o.sop_class_uid) for o in sent}
+    return next((kind for kind in ("LABELMAP", "BINARY") if kind in types), None)
 
 
 def _tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
