@@ -33,7 +33,7 @@ from pacsai.reporting.binary_seg import binary_from_labelmap
 from pacsai.reporting.sr import retarget_report
 from pacsai.reporting.transfer import STORED_TRANSFER_SYNTAXES, save
 
-__all__ = ["BinaryVariant", "binary_variant"]
+__all__ = ["BinaryVariant", "binary_form_uid", "binary_variant"]
 
 _SUFFIX = "-binary"
 
@@ -78,7 +78,7 @@ def binary_variant(labelmap: Path, reports: Sequence[Path]) -> BinaryVariant:
     try:
         meta = read_file_meta_info(labelmap)
         labelmap_uid = str(meta.MediaStorageSOPInstanceUID)
-        binary_uid = str(result_uid(labelmap_uid, "BINARY"))
+        binary_uid = binary_form_uid(labelmap_uid)
         if not seg_path.exists():
             dataset = dcmread(labelmap)
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -95,13 +95,18 @@ def binary_variant(labelmap: Path, reports: Sequence[Path]) -> BinaryVariant:
                     segmentation=labelmap_uid,
                     replacement_sop_class_uid=SegmentationStorage,
                     replacement_sop_instance_uid=binary_uid,
-                    sop_instance_uid=str(result_uid(str(report.SOPInstanceUID), "BINARY")),
+                    sop_instance_uid=binary_form_uid(str(report.SOPInstanceUID)),
                 )
                 _save(target, report)
             written[report_path] = target
     except (OSError, InvalidDicomError, ValueError, AttributeError, KeyError) as exc:
         raise ReportError(f"cannot make the BINARY form of {labelmap.name}: {exc}") from exc
     return BinaryVariant(seg_path, written)
+
+
+def binary_form_uid(sop_instance_uid: str) -> str:
+    """SOP Instance UID of the BINARY form of a LABELMAP SEG, or of an SR referring to one."""
+    return str(result_uid(sop_instance_uid, "BINARY"))
 
 
 def _save(path: Path, dataset: Dataset) -> None:
