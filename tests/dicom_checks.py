@@ -11,11 +11,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from pacsai.errors import BundleError
 from pacsai.inference.bundle import BundleInfo, inspect_bundle
 from pacsai.inference.volume import Volume, load_series
 from pacsai.phantom import PhantomStudy, write_phantom
+from pacsai.reporting.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
+from pacsai.reporting.transfer import reencode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +35,56 @@ class Verification:
         return "\n".join(self.errors + self.warnings)
 
 
+# dicom3tools 2022 predates the Label Map Segmentation IOD (DICOM 2024): it finds no IOD for the
+# SOP Class and takes the background segment (number 0, which that IOD has) for a Segmentation
+# Storage error. Checks of a LABELMAP SEG allow these two lines and no other error.
+LABELMAP_UNKNOWN_TO_DCIODVFY = (
+    "Error - Information Object Not found",
+    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence "
+    "item number 1 (from one) with SegmentNumber of 0",
+)
+# For the same reason it takes the Referenced Segment Number of an SR's reference to a LABELMAP
+# SEG (TID 1411) for an attribute of a reference to an image; an SR referring to a BINARY SEG
+# has no error.
+SR_OF_LABELMAP_UNKNOWN_TO_DCIODVFY = (
+    "Error - Shall not be present for Referenced SOP Class that is not segmentation - attribute "
+    "<ReferencedSegmentNumber>",
+)
+
+
+def known_errors(path: Path) -> tuple[str, ...]:
+    """The dciodvfy errors that only say dicom3tools 2022 predates the Label Map SEG."""
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    if dataset.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:
+        return LABELMAP_UNKNOWN_TO_DCIODVFY
+    referenced = {
+        str(item.ReferencedSOPClassUID)
+        for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedSOPSequence", [])
+    }
+    if LABEL_MAP_SEGMENTATION_STORAGE in referenced:
+        return SR_OF_LABELMAP_UNKNOWN_TO_DCIODVFY
+    return ()
+
+
 def dciodvfy(path: Path) -> Verification:
     """Run dciodvfy (dicom3tools) on ``path``; skip the test when it is not installed.
 
     Its ``Error -`` lines mean the object does not conform to its IOD; ``Warning -`` lines do
     not. Warnings about attributes only a DICOMDIR needs are dropped.
+
+    dicom3tools as Debian packages it cannot read a deflated data set ("Dicom dataset read
+    failed"); the IOD does not depend on the transfer syntax, so a deflated file is checked as
+    its inflated copy (Explicit VR Little Endian, the same data elements).
     """
     tool = shutil.which("dciodvfy")
     if tool is None:
         pytest.skip("dciodvfy not found: install dicom3tools (apt install dicom3tools)")
+    if read_file_meta_info(path).TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        inflated = path.with_name(f"{path.stem}-inflated{path.suffix}")
+        reencode(path, inflated, ExplicitVRLittleEndian)
+        path = inflated
     result = subprocess.run(
         [tool, str(path)], capture_output=True, text=True, timeout=120, check=False
     )

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -351,12 +351,19 @@ def make_enhanced_ct(
     return ds
 
 
-def start_storescp(out: Path, port: int, *, ae_title: str = "DCMTK") -> subprocess.Popen[bytes]:
-    """DCMTK storescp (a real, independent storage SCP) writing to ``out`` on ``port``."""
+def start_storescp(
+    out: Path, port: int, *, ae_title: str = "DCMTK", options: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """DCMTK storescp (a real, independent storage SCP) writing to ``out`` on ``port``.
+
+    By default it accepts the SOP Classes DCMTK knows in uncompressed transfer syntaxes;
+    ``options`` such as ``-pm`` (any SOP Class) or ``+xa`` (every transfer syntax it supports)
+    change that.
+    """
     binary = require_tool("storescp")
     out.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [binary, "-aet", ae_title, "-od", str(out), str(port)],
+        [binary, *options, "-aet", ae_title, "-od", str(out), str(port)],
         env={**os.environ, "TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -283,7 +283,9 @@ class Route(_Section):
     outputs: list[Literal["seg", "sr", "overlay"]] = Field(
         default_factory=lambda: ["seg", "sr"]  # type: ignore[arg-type]
     )
-    seg_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    # LABELMAP: a Label Map SEG to destinations that accept its SOP Class, BINARY to the others
+    # (negotiated at each delivery); BINARY: a BINARY SEG everywhere.
+    seg_type: Literal["BINARY", "LABELMAP"] = "LABELMAP"
     send_to: list[str] = Field(default_factory=list)
     # For a model that reads several series (input channels or keys: BraTS T1c, T1, T2, FLAIR):
     # one series rule per input, by the model's channel or key name; the first is the grid the

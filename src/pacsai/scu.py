@@ -21,7 +21,16 @@ from pynetdicom.status import code_to_category
 
 from pacsai.errors import ConfigError, DeliveryError
 
-__all__ = ["NoAcceptedContextError", "PushSummary", "Target", "echo", "iter_files", "push"]
+__all__ = [
+    "NoAcceptedContextError",
+    "PushSummary",
+    "Target",
+    "echo",
+    "iter_files",
+    "open_association",
+    "push",
+    "store_file",
+]
 
 _TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
@@ -255,17 +264,45 @@ def push(
             ae.add_requested_context(sop_class, syntax)
         with _association(ae, target, tls, timeout) as assoc:
             for item in batch:
-                outcome, detail, ok = _send(assoc, item)
+                outcome, detail, ok = store_file(assoc, item.path)
                 summary.add(item.path, outcome, ok, detail)
                 if on_file:
                     on_file(item.path, outcome)
     return summary
 
 
-def _send(assoc: object, item: _Item) -> tuple[str, str, bool]:
-    """Send one file; return (outcome, detail, ok)."""
+@contextlib.contextmanager
+def open_association(
+    target: Target,
+    contexts: Iterable[tuple[str, str]],
+    *,
+    calling_ae_title: str = "PACSAI",
+    timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[Any]:
+    """An established association with `target` proposing one presentation context per
+    (SOP Class UID, Transfer Syntax UID), released on exit; send files with :func:`store_file`.
+
+    Raises
+    ------
+    NoAcceptedContextError
+        If the peer accepted none of the presentation contexts.
+    DeliveryError
+        If no association could be established.
+    """
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk, undecoded
+    ae = _ae(calling_ae_title, timeout)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    with _association(ae, target, tls, timeout) as assoc:
+        yield assoc
+
+
+def store_file(assoc: object, path: Path) -> tuple[str, str, bool]:
+    """C-STORE one file as it is on disk (an accepted presentation context must have its SOP
+    Class and transfer syntax); return (outcome, detail, ok)."""
     try:
-        response = assoc.send_c_store(item.path)  # type: ignore[attr-defined]
+        response = assoc.send_c_store(path)  # type: ignore[attr-defined]
     except (ValueError, AttributeError) as exc:
         return "not sent: the peer accepted no presentation context for it", str(exc)[:200], False
     if "Status" not in response:

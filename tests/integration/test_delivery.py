@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -16,6 +19,8 @@ from pacsai.db import AuditEvent, Delivery, DeliveryStatus, Job, JobStatus, Resu
 from pacsai.operations import Caller
 from pacsai.operations.jobs import RetryOptions, retry_job
 from pacsai.phantom import write_phantom
+from pacsai.reporting import read_measurements, result_uid
+from pacsai.reporting.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
 from pacsai.scu import Target, push
 from pacsai.service import Node
 from tests.support import REPO, db_rows, free_port, start_storescp, wait_for
@@ -80,29 +85,73 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     process.wait(timeout=10)
 
 
+@pytest.mark.parametrize(
+    ("options", "seg_type", "seg_syntax"),
+    [
+        # DCMTK 3.6.7 knows no Label Map Segmentation SOP Class, and by default takes
+        # uncompressed transfer syntaxes only: BINARY, re-encoded in Explicit VR Little Endian.
+        ((), "BINARY", ExplicitVRLittleEndian),
+        # -pm: any SOP Class; +xa: every transfer syntax it supports (JPEG-LS among them).
+        (("-pm", "+xa"), "LABELMAP", JPEGLSLossless),
+    ],
+    ids=["storescp", "storescp-promiscuous"],
+)
 def test_seg_and_sr_of_a_ct_study_arrive_at_the_pacs(
     database_url: str,
     start_node: Callable[..., Node],
-    storescp: tuple[int, Path],
     tmp_path: Path,
+    options: tuple[str, ...],
+    seg_type: str,
+    seg_syntax: str,
 ) -> None:
-    port, folder = storescp
-    study = write_phantom("ct", tmp_path / "ct", seed=21)
-    node = start_node(database_url, **_settings(port))
-    _push(node, study.paths)
+    port = free_port()
+    folder = tmp_path / "pacs"
+    storescp = start_storescp(folder, port, options=options)
+    try:
+        study = write_phantom("ct", tmp_path / "ct", seed=21)
+        node = start_node(database_url, **_settings(port))
+        _push(node, study.paths)
+        (delivery,) = _settled(node)
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=10)
 
-    (delivery,) = _settled(node)
     assert delivery.status is DeliveryStatus.SENT, delivery.last_error
-    objects = {o.sop_instance_uid: o.kind for o in _rows(node, ResultObject)}
-    assert sorted(objects.values()) == ["SEG", "SR"]
+    assert delivery.seg_type == seg_type
+    objects = {o.kind: o for o in _rows(node, ResultObject)}
+    assert sorted(objects) == ["SEG", "SR"]
+    assert objects["SEG"].sop_class_uid == LABEL_MAP_SEGMENTATION_STORAGE  # a route's default
+    expected = {o.sop_instance_uid for o in objects.values()}
+    if seg_type == "BINARY":
+        expected = {str(result_uid(uid, "BINARY")) for uid in expected}
     received = _received(folder)
-    assert set(received) == set(objects)
+    assert set(received) == expected
     assert sorted(received.values()) == ["SEG", "SR"]
-    for path in folder.iterdir():
+    files = {str(dcmread(p, stop_before_pixels=True).Modality): p for p in folder.iterdir()}
+    for path in files.values():
         assert dcmread(path, stop_before_pixels=True).StudyInstanceUID == study.study_instance_uid
+
+    # The PACS holds the segmentation the node wrote, pixel for pixel, in the negotiated form.
+    seg = hd.seg.segread(files["SEG"])
+    assert seg.SegmentationType == seg_type
+    assert seg.file_meta.TransferSyntaxUID == seg_syntax
+    written = hd.seg.segread(node.settings.storage.results_dir / objects["SEG"].path)
+    sources = [str(sop) for _, _, sop in written.get_source_image_uids()]
+    np.testing.assert_array_equal(
+        seg.get_pixels_by_source_instance(sources, combine_segments=True),
+        written.get_pixels_by_source_instance(sources, combine_segments=True),
+    )
+    # ... and the SR that refers to that form of it.
+    report = dcmread(files["SR"])
+    referenced = {group["referenced_sop_instance_uid"] for group in read_measurements(report)}
+    assert referenced == {str(seg.SOPInstanceUID)}
+
     (export,) = _rows(node, AuditEvent, AuditEvent.event_id == "110106")
     assert export.model_name == "ct_abdomen_demo" and export.outcome == 0
-    assert json.loads(export.detail or "{}")["destination"] == "pacs"
+    detail = json.loads(export.detail or "{}")
+    assert detail["destination"] == "pacs"
+    assert detail["seg_type"] == seg_type
+    assert set(detail["sop_instance_uids"]) == expected
     timings = json.loads(_rows(node, Job)[0].timings or "{}")
     assert "report" in timings
 

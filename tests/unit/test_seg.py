@@ -18,7 +18,14 @@ from pacsai.inference.labels import Code
 from pacsai.inference.volume import load_datasets
 from pacsai.reporting import EmptySegmentationError, build_segmentation, result_uid
 from pacsai.reporting.codes import ALGORITHM_FAMILY
-from tests.dicom_checks import PhantomCase, dciodvfy, demo_bundle, phantom_case, to_grid
+from tests.dicom_checks import (
+    LABELMAP_UNKNOWN_TO_DCIODVFY,
+    PhantomCase,
+    dciodvfy,
+    demo_bundle,
+    phantom_case,
+    to_grid,
+)
 
 PATIENT_AND_STUDY = (
     "PatientName",
@@ -30,14 +37,6 @@ PATIENT_AND_STUDY = (
     "StudyTime",
     "StudyID",
     "AccessionNumber",
-)
-# dicom3tools 2022 predates the Label Map Segmentation IOD (DICOM 2024): it finds no IOD for the
-# SOP Class and takes the background segment (number 0, which that IOD has) for a Segmentation
-# Storage error. Any other error fails the test.
-LABELMAP_UNKNOWN_TO_DCIODVFY = (
-    "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence "
-    "item number 1 (from one) with SegmentNumber of 0",
 )
 
 
@@ -51,7 +50,7 @@ def label_map_of(case: PhantomCase) -> np.ndarray:
     return case.label_map
 
 
-def write_and_read(seg: hd.seg.Segmentation, path: Path) -> hd.seg.Segmentation:
+def write_and_read(seg: pydicom.Dataset, path: Path) -> hd.seg.Segmentation:
     seg.save_as(path, enforce_file_format=True)
     return hd.seg.segread(path)
 
@@ -228,7 +227,9 @@ def test_labelmap_seg_round_trip(ct: PhantomCase, ct_bundle: BundleInfo, scratch
 # --- which labels become segments ---------------------------------------------------------------
 
 
-def test_absent_label_gets_no_segment(ct: PhantomCase, ct_bundle: BundleInfo) -> None:
+def test_absent_label_gets_no_segment(
+    ct: PhantomCase, ct_bundle: BundleInfo, tmp_path: Path
+) -> None:
     label_map = label_map_of(ct).copy()
     label_map[label_map == 2] = 0  # no spleen
     seg = build_segmentation(
@@ -238,7 +239,8 @@ def test_absent_label_gets_no_segment(ct: PhantomCase, ct_bundle: BundleInfo) ->
         (1, "liver"),
         (2, "kidney"),
     ]
-    np.testing.assert_array_equal(read_back(seg, ct, ct_bundle), label_map)
+    read = write_and_read(seg, tmp_path / "seg.dcm")
+    np.testing.assert_array_equal(read_back(read, ct, ct_bundle), label_map)
 
 
 def test_empty_label_map_raises_empty_segmentation_error(

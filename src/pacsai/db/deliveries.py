@@ -201,8 +201,12 @@ def record_attempt(
     max_attempts: int,
     backoff: float = 0.0,
     seconds: float | None = None,
+    seg_type: str | None = None,
 ) -> DeliveryStatus:
-    """Record one attempt's outcome and release the lease; the new status."""
+    """Record one attempt's outcome and release the lease; the new status.
+
+    ``seg_type``: of a successful attempt, the SEG type the destination received.
+    """
     delivery = session.get(Delivery, delivery_id)
     assert delivery is not None
     delivery.attempts += 1
@@ -212,6 +216,7 @@ def record_attempt(
         delivery.sent_at = now
         delivery.last_error = None
         delivery.seconds = seconds
+        delivery.seg_type = seg_type
     elif permanent or delivery.attempts >= max_attempts:
         delivery.status = DeliveryStatus.FAILED
         delivery.last_error = error

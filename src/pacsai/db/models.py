@@ -323,6 +323,9 @@ class Delivery(Base):
     claimed_until: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float | None] = mapped_column(Float)  # of the successful attempt
+    # The SEG type the destination received, negotiated when sent: LABELMAP where it accepts
+    # the Label Map Segmentation SOP Class, else BINARY; None when no SEG was sent.
+    seg_type: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
 

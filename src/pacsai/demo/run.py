@@ -40,6 +40,8 @@ from pacsai.errors import ConfigError, PacsaiError
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.registry import ModelRegistry
 from pacsai.phantom import PhantomStudy, write_phantom
+from pacsai.reporting.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
+from pacsai.reporting.variants import binary_form_uid
 from pacsai.scu import Target, push
 from pacsai.service import Node, configure_libraries
 
@@ -379,8 +381,20 @@ def _follow(node: Node, pacs: _Pacs, progress: StudyProgress, now: float) -> Non
         for result in job.results:
             for delivery in result.deliveries:
                 sent = set(delivery.kinds.split(","))
+                # A PACS that does not take the Label Map SEG got the BINARY form of it and of
+                # the SR referring to it (pacsai.reporting.variants).
+                binary = delivery.seg_type == "BINARY" and any(
+                    o.sop_class_uid == LABEL_MAP_SEGMENTATION_STORAGE for o in result.objects
+                )
                 expected.update(
-                    (o.sop_instance_uid, o.kind) for o in result.objects if o.kind in sent
+                    (
+                        binary_form_uid(o.sop_instance_uid)
+                        if binary and o.kind in ("SEG", "SR")
+                        else o.sop_instance_uid,
+                        o.kind,
+                    )
+                    for o in result.objects
+                    if o.kind in sent
                 )
                 state = delivery.status.value
                 if delivery.status is DeliveryStatus.RETRYING and delivery.last_error:

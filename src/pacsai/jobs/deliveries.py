@@ -24,7 +24,7 @@ from pacsai.db.deliveries import (
 )
 from pacsai.db.models import DeliveryStatus
 from pacsai.jobs._polling import PollingWorkers
-from pacsai.reporting.delivery import DeliveryFailure, Peer, send
+from pacsai.reporting.delivery import DeliveryFailure, DeliveryReceipt, Peer, send
 
 __all__ = ["DeliveryWorkers"]
 
@@ -67,6 +67,7 @@ class DeliveryWorkers(PollingWorkers):
         destination = self.settings.dicom_destinations.get(context.destination)
         error: str | None = None
         permanent = False
+        receipt: DeliveryReceipt | None = None
         start = time.perf_counter()
         if destination is None:
             error, permanent = f"destination {context.destination!r} is no longer configured", True
@@ -79,7 +80,7 @@ class DeliveryWorkers(PollingWorkers):
             )
             files = [self.settings.storage.results_dir / path for path in context.files]
             try:
-                send(peer, files, calling_ae_title=self.settings.node.ae_title)
+                receipt = send(peer, files, calling_ae_title=self.settings.node.ae_title)
             except DeliveryFailure as exc:
                 error, permanent = str(exc), exc.permanent
         seconds = time.perf_counter() - start
@@ -104,8 +105,9 @@ class DeliveryWorkers(PollingWorkers):
                 max_attempts=max_attempts,
                 backoff=backoff,
                 seconds=seconds,
+                seg_type=receipt.seg_type if receipt else None,
             )
-            self._audit(session, context, status, error)
+            self._audit(session, context, status, error, receipt)
         level = logging.INFO if error is None else logging.WARNING
         log.log(
             level,
@@ -119,7 +121,12 @@ class DeliveryWorkers(PollingWorkers):
         return status
 
     def _audit(
-        self, session: Session, context: DeliveryContext, status: DeliveryStatus, error: str | None
+        self,
+        session: Session,
+        context: DeliveryContext,
+        status: DeliveryStatus,
+        error: str | None,
+        receipt: DeliveryReceipt | None,
     ) -> None:
         append_event(
             session=session,
@@ -138,5 +145,9 @@ class DeliveryWorkers(PollingWorkers):
                 "objects": len(context.files),
                 "status": status.value,
                 "error": error,
+                "seg_type": receipt.seg_type if receipt else None,
+                "sop_instance_uids": [o.sop_instance_uid for o in receipt.objects]
+                if receipt
+                else [],
             },
         )

@@ -75,6 +75,10 @@ class DeliveryOut(_Out):
     status: DeliveryStatus
     attempts: int
     last_error: str | None
+    seg_type: str | None = Field(
+        description="The SEG type the destination received: LABELMAP where it accepts the "
+        "Label Map Segmentation SOP Class, else BINARY (null until sent, or without a SEG)"
+    )
     next_attempt_at: datetime | None
     created_at: datetime
     sent_at: datetime | None
@@ -153,6 +157,7 @@ def delivery_out(delivery: Delivery) -> DeliveryOut:
         status=delivery.status,
         attempts=delivery.attempts,
         last_error=delivery.last_error,
+        seg_type=delivery.seg_type,
         next_attempt_at=delivery.next_attempt_at if waiting else None,
         created_at=delivery.created_at,
         sent_at=delivery.sent_at,

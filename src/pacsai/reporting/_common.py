@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
-from pacsai.inference.labels import LabelSemantics, voxel_counts
+from pacsai.inference.labels import LabelSemantics
 from pacsai.inference.volume import Volume
 
 __all__ = [
@@ -93,7 +94,7 @@ class MatchedSources:
 
 @dataclass(frozen=True, eq=False)
 class LabelCounts:
-    """How many voxels of each bundle label a label map holds.
+    """How many voxels of each bundle label a label map holds, in total and per slice.
 
     Attributes
     ----------
@@ -101,10 +102,18 @@ class LabelCounts:
         The checked label map (the caller's array, not copied).
     counts : dict of int to int
         Voxel count per label value, for every label of the bundle (0 when absent).
+    slice_counts : numpy.ndarray
+        ``int64``, shape ``(slices, highest label value + 1)``: voxels of each label value in each
+        slice of ``label_map``. The SEG's frames and the SR's references are read from it
+        instead of comparing the whole map with every label.
+    channels : dict of int to int, optional
+        For one boolean mask per label (shape ``(labels, slices, rows, columns)``, a multi-label
+        model whose labels may overlap): the mask index of each label value.
     """
 
     label_map: NDArray[np.integer] | NDArray[np.bool_]
     counts: dict[int, int]
+    slice_counts: NDArray[np.int64]
     channels: dict[int, int] | None = None
 
     @property
@@ -132,6 +141,12 @@ class LabelCounts:
         for label in bundle.labels:
             flat[self.mask(label)] = label.value
         return flat
+
+    def slices_with(self, value: int) -> list[int]:
+        """Indices of the slices that hold label ``value``, in slice order."""
+        if value >= self.slice_counts.shape[1]:
+            return []
+        return np.flatnonzero(self.slice_counts[:, value]).tolist()
 
 
 def check_uid(value: str | None, what: str) -> str | None:
@@ -326,12 +341,14 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
                 f"label masks have shape {label_map.shape}, expected "
                 f"{(len(bundle.labels), *volume.array.shape)} (labels, slices, rows, columns)"
             )
+        width = max((label.value for label in bundle.labels), default=0) + 1
+        per_slice = np.zeros((label_map.shape[1], width), dtype=np.int64)
+        for label, mask in zip(bundle.labels, label_map, strict=True):
+            per_slice[:, label.value] = np.count_nonzero(mask, axis=(1, 2))
         return LabelCounts(
             label_map,
-            {
-                label.value: int(np.count_nonzero(mask))
-                for label, mask in zip(bundle.labels, label_map, strict=True)
-            },
+            {label.value: int(per_slice[:, label.value].sum()) for label in bundle.labels},
+            per_slice,
             {label.value: index for index, label in enumerate(bundle.labels)},
         )
     if not np.issubdtype(label_map.dtype, np.integer):
@@ -341,27 +358,49 @@ def check_label_map(label_map: object, volume: Volume, bundle: BundleInfo) -> La
             f"label_map has shape {label_map.shape}, the volume {volume.array.shape} "
             "(slices, rows, columns)"
         )
-    values = label_map.ravel()
-    if values.size and int(values.min()) < 0:
-        raise ValueError("label_map holds negative values")
-    counts = voxel_counts(label_map)
     defined = {label.value for label in bundle.labels}
+    highest = max(defined, default=0)
+    if label_map.size and int(label_map.min()) < 0:
+        raise ValueError("label_map holds negative values")
+    if label_map.size and int(label_map.max()) > highest:
+        _refuse_undefined(np.unique(label_map[label_map > highest]).tolist(), bundle)
+    slice_counts = _slice_counts(label_map, highest + 1)
+    counts = slice_counts.sum(axis=0)
     undefined = [
         value for value in np.flatnonzero(counts).tolist() if value and value not in defined
     ]
     if undefined:
-        known = ", ".join(f"{label.value}: {label.name}" for label in bundle.labels)
-        raise ValueError(
-            f"label_map holds values {undefined[:10]} that bundle {bundle.name!r} does not define "
-            f"(it defines {known})"
-        )
+        _refuse_undefined(undefined, bundle)
     return LabelCounts(
         label_map,
         {
             label.value: int(counts[label.value]) if label.value < counts.size else 0
             for label in bundle.labels
         },
+        slice_counts,
     )
+
+
+def _refuse_undefined(values: list[int], bundle: BundleInfo) -> NoReturn:
+    known = ", ".join(f"{label.value}: {label.name}" for label in bundle.labels)
+    raise ValueError(
+        f"label_map holds values {values[:10]} that bundle {bundle.name!r} does not define "
+        f"(it defines {known})"
+    )
+
+
+def _slice_counts(label_map: NDArray[np.integer], width: int) -> NDArray[np.int64]:
+    """Voxels per label value (0 to ``width - 1``) per slice (axis 0) of a label map whose
+    values are all below ``width``.
+
+    One ``bincount`` per slice: converting a 256x512x512 map to intp at once would cost a 512 MB
+    temporary.
+    """
+    planes = label_map.reshape(label_map.shape[0], -1) if label_map.ndim > 1 else label_map[None]
+    table = np.zeros((planes.shape[0], width), dtype=np.int64)
+    for index, plane in enumerate(planes):
+        table[index] = np.bincount(plane.astype(np.intp, copy=False), minlength=width)
+    return table
 
 
 @contextmanager

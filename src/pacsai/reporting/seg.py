@@ -19,11 +19,19 @@ A multi-label model's masks (overlapping labels) always give a BINARY SEG, one s
 A label map with no label at all gives no SEG: :func:`build_segmentation` raises
 :class:`EmptySegmentationError`, and the caller writes only the SR, which reports every label
 absent (:func:`pacsai.reporting.sr.build_measurement_report`).
+
+highdicom builds the LABELMAP; a BINARY SEG is that LABELMAP rewritten
+(:func:`pacsai.reporting.binary_seg.binary_from_labelmap`), which gives the same object as
+highdicom's BINARY path several times faster for many segments. :func:`referenced_segmentation`
+says, before the SEG is built, what an SR needs to reference it (SOP Class and Instance, the
+segment numbers and Tracking UIDs), so that the SEG and the SR can be built at the same time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Literal
 
 import highdicom as hd
@@ -34,11 +42,18 @@ from highdicom.seg import (
     SegmentDescription,
 )
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    SegmentationStorage,
+)
 
 import pacsai
 from pacsai.errors import ReportError
 from pacsai.inference.bundle import BundleInfo
+from pacsai.inference.labels import LabelSemantics
 from pacsai.inference.volume import Volume
 from pacsai.reporting._common import (
     DEFAULT_DEVICE_SERIAL_NUMBER,
@@ -53,14 +68,37 @@ from pacsai.reporting._common import (
     source_person_names,
 )
 from pacsai.reporting._uids import result_uid
+from pacsai.reporting.binary_seg import binary_from_labelmap
 from pacsai.reporting.codes import ALGORITHM_FAMILY, coded_concept
+from pacsai.reporting.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
 
-__all__ = ["CONTENT_LABEL", "EmptySegmentationError", "build_segmentation"]
+__all__ = [
+    "CONTENT_LABEL",
+    "SEGMENTATION_SOP_CLASSES",
+    "EmptySegmentationError",
+    "ReferencedSegment",
+    "ReferencedSegmentation",
+    "build_segmentation",
+    "referenced_segmentation",
+]
 
 #: Content Label (0070,0080) of every SEG pacsai writes (CS: at most 16 characters).
 CONTENT_LABEL = "AI_SEGMENTATION"
 
 SegmentationType = Literal["BINARY", "LABELMAP"]
+
+#: SOP Class of each segmentation type.
+SEGMENTATION_SOP_CLASSES: dict[str, UID] = {
+    "BINARY": SegmentationStorage,
+    "LABELMAP": LABEL_MAP_SEGMENTATION_STORAGE,
+}
+
+# Transfer syntaxes a SEG may be written in, per type: highdicom compresses LABELMAP frames;
+# a BINARY SEG (1 bit per pixel, which those codecs do not take) is deflated as a whole.
+_TRANSFER_SYNTAXES = {
+    "LABELMAP": (ExplicitVRLittleEndian, JPEGLSLossless),
+    "BINARY": (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian),
+}
 
 
 class EmptySegmentationError(ReportError):
@@ -69,6 +107,89 @@ class EmptySegmentationError(ReportError):
     A Segmentation needs at least one segment (PS3.3 C.8.20.2, Segment Sequence is Type 1); write
     the SR alone, which reports every label absent.
     """
+
+
+@dataclass(frozen=True)
+class ReferencedSegment:
+    """One segment of a SEG, as an SR refers to it."""
+
+    label_value: int
+    segment_number: int
+    segment_label: str
+    tracking_uid: str
+
+
+@dataclass(frozen=True)
+class ReferencedSegmentation:
+    """What an SR needs to reference a SEG: known before the SEG is built.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid, series_instance_uid, study_instance_uid : str
+        The SEG's identity.
+    segments : tuple of ReferencedSegment
+        Its segments, in segment number order (the bundle's order of the labels present).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    segments: tuple[ReferencedSegment, ...]
+
+    def evidence(self) -> Dataset:
+        """The attributes of the SEG an SR lists as evidence (PS3.3 C.17.2.3)."""
+        dataset = Dataset()
+        dataset.SOPClassUID = self.sop_class_uid
+        dataset.SOPInstanceUID = self.sop_instance_uid
+        dataset.SeriesInstanceUID = self.series_instance_uid
+        dataset.StudyInstanceUID = self.study_instance_uid
+        return dataset
+
+
+def referenced_segmentation(
+    *,
+    label_map: LabelCounts,
+    bundle: BundleInfo,
+    segmentation_type: SegmentationType,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    study_instance_uid: str,
+) -> ReferencedSegmentation:
+    """The SEG that :func:`build_segmentation` builds with these arguments, as an SR refers to
+    it (segment numbers and Tracking UIDs are derived the same way).
+
+    Raises
+    ------
+    EmptySegmentationError
+        If no label is present.
+    """
+    present = _present(label_map, bundle)
+    return ReferencedSegmentation(
+        sop_class_uid=str(SEGMENTATION_SOP_CLASSES[segmentation_type]),
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+        study_instance_uid=study_instance_uid,
+        segments=tuple(
+            ReferencedSegment(
+                label_value=label.value,
+                segment_number=number,
+                segment_label=lo(label.name),
+                tracking_uid=str(_segment_tracking_uid(sop_instance_uid, number)),
+            )
+            for number, label in enumerate(present, start=1)
+        ),
+    )
+
+
+def _present(counts: LabelCounts, bundle: BundleInfo) -> list[LabelSemantics]:
+    present = counts.present(bundle)
+    if not present:
+        raise EmptySegmentationError(
+            f"no label of {bundle.name!r} is present in the label map: there is no segment to "
+            "write; write the SR alone (it reports every label absent)"
+        )
+    return present
 
 
 def build_segmentation(
@@ -86,7 +207,9 @@ def build_segmentation(
     manufacturer_model_name: str = "pacsai",
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
     software_versions: str = pacsai.__version__,
-) -> Segmentation:
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    executor: Executor | None = None,
+) -> Dataset:
     """Build the SEG of a segmentation model's output.
 
     Parameters
@@ -115,10 +238,19 @@ def build_segmentation(
         from the SOP Instance UID, so the same UIDs give the same content.
     manufacturer, manufacturer_model_name, device_serial_number, software_versions : str
         Enhanced General Equipment module (PS3.3 C.7.5.2).
+    transfer_syntax_uid : str
+        The transfer syntax the SEG is encoded in when written: Explicit VR Little Endian
+        (default), or lossless compression: JPEG-LS Lossless (frame by frame) for LABELMAP,
+        Deflated Explicit VR Little Endian (the whole data set) for BINARY.
+    executor : concurrent.futures.Executor or None
+        Threads to pack a BINARY SEG's bits in (NumPy releases the GIL there).
 
     Returns
     -------
-    highdicom.seg.Segmentation
+    pydicom.dataset.Dataset
+        A ``highdicom.seg.Segmentation`` for LABELMAP; for BINARY a pydicom data set whose
+        per-frame functional groups are already encoded (read it back with
+        ``highdicom.seg.segread`` after writing it, or ``Segmentation.from_dataset``).
 
     Raises
     ------
@@ -135,6 +267,10 @@ def build_segmentation(
     """
     if segmentation_type not in ("BINARY", "LABELMAP"):
         raise ValueError(f"segmentation_type must be BINARY or LABELMAP, got {segmentation_type!r}")
+    if transfer_syntax_uid not in _TRANSFER_SYNTAXES[segmentation_type]:
+        allowed = " or ".join(UID(uid).name for uid in _TRANSFER_SYNTAXES[segmentation_type])
+        given = UID(transfer_syntax_uid).name
+        raise ValueError(f"a {segmentation_type} SEG is written in {allowed}, not {given}")
     check_positive_int(series_number, "series_number")
     check_positive_int(instance_number, "instance_number")
     series_uid = check_uid(series_instance_uid, "series_instance_uid") or hd.UID()
@@ -142,22 +278,18 @@ def build_segmentation(
     counts = check_label_map(label_map, volume, bundle)
     matched = match_sources(sources, volume)
 
-    present = counts.present(bundle)
-    if not present:
-        raise EmptySegmentationError(
-            f"no label of {bundle.name!r} is present in the label map: there is no segment to "
-            "write; write the SR alone (it reports every label absent)"
-        )
+    present = _present(counts, bundle)
 
     pixels: np.ndarray
     if counts.overlapping:
         # A multi-label model's masks may overlap: one binary plane per segment (frames, rows,
-        # columns, segments), which only BINARY can carry.
-        segmentation_type = "BINARY"
+        # columns, segments), which only a BINARY SEG can carry, whatever was asked for.
         pixels = np.stack([counts.mask(label) for label in present], axis=-1).astype(np.uint8)
+        if segmentation_type == "LABELMAP":
+            segmentation_type = "BINARY"
+            transfer_syntax_uid = DeflatedExplicitVRLittleEndian
     else:
-        # Label values -> segment numbers; highdicom takes this "label-map style" array for
-        # both types and splits it into one binary frame per segment for BINARY.
+        # Label values -> segment numbers, the pixels of a LABELMAP.
         dtype = np.uint8 if len(present) < 256 else np.uint16
         lookup = np.zeros(max(counts.counts, default=0) + 1, dtype=dtype)
         for number, label in enumerate(present, start=1):
@@ -194,10 +326,14 @@ def build_segmentation(
                     0
                 ].SegmentedPropertyTypeModifierCodeSequence = [coded_concept(label.modifier)]
         with source_person_names():
-            segmentation = Segmentation(
+            labelmap = Segmentation(
                 source_images=list(matched.datasets),
                 pixel_array=pixels,
-                segmentation_type=SegmentationTypeValues(segmentation_type),
+                segmentation_type=(
+                    SegmentationTypeValues.BINARY
+                    if counts.overlapping
+                    else SegmentationTypeValues.LABELMAP
+                ),
                 segment_descriptions=descriptions,
                 series_instance_uid=series_uid,
                 series_number=series_number,
@@ -207,6 +343,11 @@ def build_segmentation(
                 manufacturer_model_name=manufacturer_model_name,
                 software_versions=software_versions,
                 device_serial_number=device_serial_number,
+                transfer_syntax_uid=(
+                    transfer_syntax_uid
+                    if segmentation_type == "LABELMAP"
+                    else ExplicitVRLittleEndian  # BINARY: frames encoded below (or by pydicom)
+                ),
                 omit_empty_frames=True,
                 content_label=CONTENT_LABEL,
                 content_description=lo(
@@ -216,7 +357,14 @@ def build_segmentation(
             )
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise ReportError(f"highdicom refused the SEG of {bundle.name!r}: {exc}") from exc
-    return segmentation
+    if segmentation_type == "LABELMAP":
+        return labelmap
+    if counts.overlapping:  # built BINARY by highdicom: deflated (if asked) when written
+        labelmap.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+        return labelmap
+    binary = binary_from_labelmap(labelmap, sop_instance_uid=sop_uid, executor=executor)
+    binary.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    return binary
 
 
 def _segment_tracking_uid(sop_instance_uid: str, segment_number: int) -> UID:

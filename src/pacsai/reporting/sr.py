@@ -13,7 +13,8 @@ Content tree (PS3.16 TID 1500 Measurement Report):
       TID 1411 Volumetric ROI Measurements: Tracking Identifier and Tracking UID of the SEG
       segment (so SR group and SEG segment name one finding), Finding Category and Finding
       (the segment's property category and type), the Referenced Segment (TID 1411 row 8) with
-      the SEG's source images, the qualitative evaluation "<finding> = Present", and the
+      the Source Series for Segmentation (the SEG itself references the source image of each
+      of its frames), the qualitative evaluation "<finding> = Present", and the
       measurements: Volume in cm3 (= ml), the voxel count times the voxel volume
       ``|det(affine[:3, :3])|``; for CT also the mean and the (population, ddof=0) standard
       deviation of the Hounsfield units inside the segment, as Attenuation Coefficient with
@@ -27,6 +28,11 @@ Content tree (PS3.16 TID 1500 Measurement Report):
       TID 1501 Measurement Group: Certainty of Finding in percent (the class probability times
       100) and "<finding> = Present" when the probability is at least ``threshold`` (default
       0.5), else "Absent"; the image(s) the model read as source.
+
+The SEG may be given as the data set or, so that both can be built at once, as the
+:class:`~pacsai.reporting.seg.ReferencedSegmentation` it will have. The measurements of all labels
+come from one pass over the label map and the volume (:func:`_label_statistics`), not one per
+label.
 
 Every group carries the Algorithm Identification (TID 4019: model name, version with weights
 checksum, family Artificial Intelligence). A projection image has no physical volume, so its
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, TypedDict
 
 import highdicom as hd
@@ -53,14 +60,14 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
-    SourceImageForSegmentation,
+    SourceSeriesForSegmentation,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
-from numpy.typing import NDArray
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+from pydicom.uid import Comprehensive3DSRStorage
 
 import pacsai
 from pacsai.errors import ReportError
@@ -79,6 +86,7 @@ from pacsai.reporting._common import (
     series_description,
     source_person_names,
 )
+from pacsai.reporting._highdicom_compat import comprehensive_3d_sr
 from pacsai.reporting._uids import result_uid
 from pacsai.reporting.codes import (
     ABSENT,
@@ -96,12 +104,19 @@ from pacsai.reporting.codes import (
     coded_concept,
     procedure_code,
 )
+from pacsai.reporting.seg import SEGMENTATION_SOP_CLASSES, ReferencedSegmentation
 
-__all__ = ["FindingRecord", "MeasuredValue", "build_measurement_report", "read_measurements"]
+__all__ = [
+    "FindingRecord",
+    "MeasuredValue",
+    "build_measurement_report",
+    "read_measurements",
+    "retarget_report",
+]
 
-#: Label Map Segmentation Storage (DICOM 2024; pydicom 3.0 has no name for it yet).
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-_SEGMENTATION_CLASSES = frozenset({str(SegmentationStorage), LABEL_MAP_SEGMENTATION_STORAGE})
+_SEGMENTATION_CLASSES = frozenset(str(uid) for uid in SEGMENTATION_SOP_CLASSES.values())
+
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
 
 # CONTAINS CODE items of a measurement group that are not qualitative evaluations.
 _NOT_EVALUATIONS = (
@@ -117,6 +132,16 @@ class _Segment(NamedTuple):
     tracking_uid: str | None
     sop_class_uid: str
     sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class _LabelStatistics:
+    """Voxel count, and for CT the mean and standard deviation (ddof=0) of the Hounsfield
+    units, of one label."""
+
+    count: int
+    mean: float | None
+    std: float | None
 
 
 _Group = MeasurementsAndQualitativeEvaluations | VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -153,7 +178,7 @@ def build_measurement_report(
     sources: Sequence[Dataset] | MatchedSources,
     volume: Volume,
     bundle: BundleInfo,
-    segmentation: Dataset | None = None,
+    segmentation: Dataset | ReferencedSegmentation | None = None,
     label_map: np.ndarray | LabelCounts | None = None,
     probabilities: Mapping[str, float] | None = None,
     series_number: int = 9902,
@@ -165,7 +190,7 @@ def build_measurement_report(
     manufacturer_model_name: str = "pacsai",
     device_serial_number: str = DEFAULT_DEVICE_SERIAL_NUMBER,
     software_versions: str = pacsai.__version__,
-) -> Comprehensive3DSR:
+) -> Dataset:
     """Build the TID 1500 Measurement Report of a model's output.
 
     Parameters
@@ -177,10 +202,12 @@ def build_measurement_report(
         The volume the model read.
     bundle : pacsai.inference.bundle.BundleInfo
         The model.
-    segmentation : pydicom.dataset.Dataset or None
+    segmentation : pydicom.dataset.Dataset or ReferencedSegmentation or None
         Segmentation models: the SEG built from ``label_map``
-        (:func:`pacsai.reporting.seg.build_segmentation`), or None when there is none (no label
-        present, or no SEG written). Its segments must be the labels present in ``label_map``.
+        (:func:`pacsai.reporting.seg.build_segmentation`), or what
+        :func:`pacsai.reporting.seg.referenced_segmentation` says it will be, or None when there
+        is none (no label present, or no SEG written). Its segments must be the labels present
+        in ``label_map``.
     label_map : numpy.ndarray or None
         Segmentation models: the label map (see :func:`~pacsai.reporting.seg.build_segmentation`).
     probabilities : mapping of str to float or None
@@ -198,7 +225,9 @@ def build_measurement_report(
 
     Returns
     -------
-    highdicom.sr.Comprehensive3DSR
+    pydicom.dataset.Dataset
+        The Comprehensive 3D SR document, to write (read it back with
+        ``highdicom.sr.Comprehensive3DSR.from_dataset`` to walk its content).
 
     Raises
     ------
@@ -233,7 +262,11 @@ def build_measurement_report(
         if label_map is None:
             raise ValueError(f"{bundle.name!r} is a segmentation model: its label_map is required")
         counts = check_label_map(label_map, volume, bundle)
-        if segmentation is not None:
+        if isinstance(segmentation, ReferencedSegmentation):
+            segments = _referenced_segments(
+                segmentation, counts.present(bundle), matched.study_instance_uid
+            )
+        elif segmentation is not None:
             segments = _segments_of(
                 segmentation, counts.present(bundle), matched.study_instance_uid
             )
@@ -246,7 +279,9 @@ def build_measurement_report(
         checked = _check_probabilities(probabilities, bundle)
 
     evidence: list[Dataset] = list(matched.datasets)
-    if segmentation is not None:
+    if isinstance(segmentation, ReferencedSegmentation):
+        evidence.append(segmentation.evidence())
+    elif segmentation is not None:
         evidence.append(segmentation)
     try:
         algorithm = hd.sr.AlgorithmIdentification(
@@ -286,9 +321,9 @@ def build_measurement_report(
             imaging_measurements=groups,
         )
         with source_person_names():
-            return Comprehensive3DSR(
+            return comprehensive_3d_sr(
                 evidence=evidence,
-                content=report,
+                content=report[0],
                 series_instance_uid=series_uid,
                 series_number=series_number,
                 sop_instance_uid=sop_uid,
@@ -429,6 +464,31 @@ def _segments_of(
     return segments
 
 
+def _referenced_segments(
+    segmentation: ReferencedSegmentation, present: list[LabelSemantics], study_instance_uid: str
+) -> dict[int, _Segment]:
+    """Label value -> segment, as :func:`_segments_of` for a SEG not built yet."""
+    if segmentation.study_instance_uid != study_instance_uid:
+        raise ValueError("segmentation is not in the study of the sources")
+    if segmentation.sop_class_uid not in _SEGMENTATION_CLASSES:
+        raise ValueError(f"segmentation is not a SEG (SOP Class {segmentation.sop_class_uid})")
+    found = [(segment.label_value, segment.segment_label) for segment in segmentation.segments]
+    if found != [(label.value, lo(label.name)) for label in present]:
+        raise ValueError(
+            f"segmentation has segments {[label for _, label in found]}, the label map the labels "
+            f"{[label.name for label in present]} present: it was not made from this label map"
+        )
+    return {
+        segment.label_value: _Segment(
+            number=segment.segment_number,
+            tracking_uid=segment.tracking_uid,
+            sop_class_uid=segmentation.sop_class_uid,
+            sop_instance_uid=segmentation.sop_instance_uid,
+        )
+        for segment in segmentation.segments
+    }
+
+
 def _image_references(
     matched: MatchedSources, volume: Volume, slices: Sequence[int] | None = None
 ) -> list[tuple[str, str, list[int] | None]]:
@@ -453,26 +513,68 @@ def _source_images(
     ]
 
 
-def _region_measurements(volume: Volume, mask: NDArray[np.bool_], count: int) -> list[Measurement]:
-    """Volume (and for CT the HU mean and SD) of the voxels in ``mask``."""
+def _label_statistics(volume: Volume, counts: LabelCounts) -> dict[int, _LabelStatistics]:
+    """Voxel count, and for CT the HU mean and standard deviation, of every label present.
+
+    Two passes over the slices that hold a label, one ``bincount`` per slice each: the sums
+    per label, then the squared deviations from each label's mean (as ``numpy.std`` computes
+    it, without the cancellation of a sum of squares). Comparing the map with every label
+    instead would read it once per label (104 times for a whole-body model).
+    """
+    present = [value for value, count in counts.counts.items() if count > 0]
+    voxels = counts.slice_counts.sum(axis=0)
+    if volume.modality != "CT" or volume.frame_of_reference_uid is None or not present:
+        return {value: _LabelStatistics(int(voxels[value]), None, None) for value in present}
+    if counts.overlapping:  # one mask per label: a voxel may belong to several labels
+        statistics = {}
+        for value in present:
+            inside = volume.array[counts.label_map[counts.channels[value]]]  # type: ignore[index]
+            statistics[value] = _LabelStatistics(
+                int(inside.size), float(inside.mean()), float(inside.std())
+            )
+        return statistics
+    width = counts.slice_counts.shape[1]
+    holding = np.flatnonzero(counts.slice_counts[:, 1:].any(axis=1)).tolist()
+    label_map = counts.label_map
+    sums = np.zeros(width, dtype=np.float64)
+    for index in holding:
+        labels = label_map[index].ravel().astype(np.intp, copy=False)
+        sums += np.bincount(labels, weights=volume.array[index].ravel(), minlength=width)
+    means = sums / np.maximum(voxels, 1)
+    squares = np.zeros(width, dtype=np.float64)
+    for index in holding:
+        labels = label_map[index].ravel().astype(np.intp, copy=False)
+        deviations = volume.array[index].ravel().astype(np.float64) - means[labels]
+        squares += np.bincount(labels, weights=deviations * deviations, minlength=width)
+    return {
+        value: _LabelStatistics(
+            int(voxels[value]),
+            float(means[value]),
+            float(math.sqrt(squares[value] / voxels[value])),
+        )
+        for value in present
+    }
+
+
+def _region_measurements(volume: Volume, statistics: _LabelStatistics) -> list[Measurement]:
+    """Volume (and for CT the HU mean and SD) of one label."""
     if volume.frame_of_reference_uid is None:
         return []  # a projection image: its pixels have no volume in the patient
     voxel_mm3 = abs(float(np.linalg.det(volume.affine[:3, :3])))
     measurements = [
-        Measurement(name=VOLUME, value=count * voxel_mm3 / 1000.0, unit=CUBIC_CENTIMETER)
+        Measurement(name=VOLUME, value=statistics.count * voxel_mm3 / 1000.0, unit=CUBIC_CENTIMETER)
     ]
-    if volume.modality == "CT":
-        values = volume.array[mask].astype(np.float64)
+    if statistics.mean is not None and statistics.std is not None:
         measurements += [
             Measurement(
                 name=ATTENUATION_COEFFICIENT,
-                value=float(values.mean()),
+                value=statistics.mean,
                 unit=HOUNSFIELD_UNIT,
                 derivation=MEAN,
             ),
             Measurement(
                 name=ATTENUATION_COEFFICIENT,
-                value=float(values.std()),
+                value=statistics.std,
                 unit=HOUNSFIELD_UNIT,
                 derivation=STANDARD_DEVIATION,
             ),
@@ -490,14 +592,17 @@ def _segmentation_groups(
     sop_uid: str,
 ) -> list[_Group]:
     groups: list[_Group] = []
+    statistics = _label_statistics(volume, counts)
+    every_slice: list[SourceImageForMeasurementGroup] | None = None
     for label in bundle.labels:
         finding = coded_concept(label.type)
         category = coded_concept(label.category)
         own_tracking = TrackingIdentifier(
             uid=result_uid(sop_uid, "finding", str(label.value)), identifier=lo(label.name)
         )
-        count = counts.counts[label.value]
-        if count == 0:
+        if label.value not in statistics:
+            if every_slice is None:  # the same items for every absent label
+                every_slice = _source_images(matched, volume)
             groups.append(
                 MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=own_tracking,
@@ -505,14 +610,12 @@ def _segmentation_groups(
                     finding_category=category,
                     algorithm_id=algorithm,
                     qualitative_evaluations=[QualitativeEvaluation(finding, ABSENT)],
-                    source_images=_source_images(matched, volume),
+                    source_images=every_slice,
                 )
             )
             continue
-        mask = counts.mask(label)
-        measurements = _region_measurements(volume, mask, count)
+        measurements = _region_measurements(volume, statistics[label.value])
         present = [QualitativeEvaluation(finding, PRESENT)]
-        slices = np.flatnonzero(mask.any(axis=(1, 2))).tolist()
         if segments is None:
             groups.append(
                 MeasurementsAndQualitativeEvaluations(
@@ -522,22 +625,18 @@ def _segmentation_groups(
                     algorithm_id=algorithm,
                     measurements=measurements,
                     qualitative_evaluations=present,
-                    source_images=_source_images(matched, volume, slices),
+                    source_images=_source_images(matched, volume, counts.slices_with(label.value)),
                 )
             )
             continue
         segment = segments[label.value]
         # Built here rather than with ReferencedSegment.from_segmentation, which fails on a
-        # LABELMAP SEG in highdicom 0.28 (it looks for per-frame Segment Identification). The
-        # source images are those holding the label, as from_segmentation would list them.
+        # LABELMAP SEG in highdicom 0.28 (it looks for per-frame Segment Identification).
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=segment.sop_class_uid,
             sop_instance_uid=segment.sop_instance_uid,
             segment_number=segment.number,
-            source_images=[
-                SourceImageForSegmentation(cls, uid, frames)
-                for cls, uid, frames in _image_references(matched, volume, slices)
-            ],
+            source_series=SourceSeriesForSegmentation(volume.series_instance_uid),
         )
         groups.append(
             VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -672,3 +771,55 @@ def _read_group(item: Dataset) -> FindingRecord | None:
         "measurements": measurements,
         "evaluations": evaluations,
     }
+
+
+# --- another SEG ----------------------------------------------------------------------------------
+
+
+def retarget_report(
+    report: Dataset,
+    *,
+    segmentation: str,
+    replacement_sop_class_uid: str,
+    replacement_sop_instance_uid: str,
+    sop_instance_uid: str,
+) -> None:
+    """Make a report refer to another encoding of its SEG, as a new SR instance (in place).
+
+    The BINARY form of a LABELMAP SEG has the same segments, numbered the same, with the same
+    Tracking UIDs; only its SOP Class and Instance differ. The report that goes with it is the
+    same report with those references (Referenced Segment items, the evidence) changed, and its
+    own SOP Instance UID; it stays in the same series.
+
+    Parameters
+    ----------
+    report : pydicom.dataset.Dataset
+        A report as read from its file (changed in place: read a copy for this).
+    segmentation : str
+        SOP Instance UID of the SEG the report refers to now.
+    replacement_sop_class_uid, replacement_sop_instance_uid : str
+        The SEG it is to refer to instead.
+    sop_instance_uid : str
+        SOP Instance UID of the changed report.
+
+    Raises
+    ------
+    ValueError
+        If the report does not refer to ``segmentation``.
+    """
+    replaced = 0
+
+    def visit(dataset: Dataset, element: DataElement) -> None:
+        nonlocal replaced
+        if element.tag == _REFERENCED_SOP_INSTANCE_UID and element.value == segmentation:
+            element.value = replacement_sop_instance_uid
+            dataset.ReferencedSOPClassUID = replacement_sop_class_uid
+            replaced += 1
+
+    report.walk(visit)
+    if not replaced:
+        raise ValueError(f"the report does not refer to SEG {segmentation}")
+    report.SOPInstanceUID = sop_instance_uid
+    meta = getattr(report, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        meta.MediaStorageSOPInstanceUID = sop_instance_uid
