@@ -19,6 +19,7 @@ from pacsai.db.models import (
     AssociationOutcome,
     AuditEvent,
     Base,
+    DeliveredObject,
     Delivery,
     DeliveryStatus,
     Instance,
@@ -31,6 +32,7 @@ from pacsai.db.models import (
     Study,
     StudyStatus,
     TokenRole,
+    Worker,
     utcnow,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "Base",
     "ChainReport",
     "Database",
+    "DeliveredObject",
     "Delivery",
     "DeliveryStatus",
     "Instance",
@@ -58,6 +61,7 @@ __all__ = [
     "Study",
     "StudyStatus",
     "TokenRole",
+    "Worker",
     "append_event",
     "current_revision",
     "head_revision",
