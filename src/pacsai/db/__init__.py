@@ -14,6 +14,7 @@ from pacsai.db.audit import (
 from pacsai.db.engine import Database
 from pacsai.db.migrate import current_revision, head_revision, upgrade
 from pacsai.db.models import (
+    DEFAULT_QUEUE,
     ApiToken,
     Association,
     AssociationOutcome,
@@ -37,6 +38,7 @@ from pacsai.db.models import (
 )
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "ApiToken",
     "Association",
     "AssociationOutcome",

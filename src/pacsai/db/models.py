@@ -29,12 +29,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "ApiToken",
     "Association",
     "AssociationOutcome",
     "AuditEvent",
     "Base",
-    "DEFAULT_QUEUE",
     "DeliveredObject",
     "Delivery",
     "DeliveryStatus",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from pacsai.config import Destination, DestinationTls
 from pacsai.errors import DeliveryError
 from pacsai.scu import NoAcceptedContextError, Target, push
 
-__all__ = ["DeliveryFailure", "Peer", "send"]
+__all__ = ["DeliveryFailure", "Peer", "send", "tls_context"]
 
 
 class DeliveryFailure(DeliveryError):
@@ -58,8 +58,18 @@ class Peer:
 _TRANSIENT = ("0xA7", "0x0110", "no response")
 
 
-def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> None:
+def send(
+    peer: Peer,
+    files: Sequence[Path],
+    *,
+    calling_ae_title: str,
+    on_stored: Callable[[Path], None] | None = None,
+) -> None:
     """Send ``files`` to ``peer``; return normally only if every object was accepted.
+
+    ``on_stored`` is called with each file as soon as the peer has accepted it (after its
+    C-STORE response; after the STOW-RS response for all of them), before the next is sent:
+    an exception it raises stops the delivery there.
 
     Raises
     ------
@@ -70,22 +80,36 @@ def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> None:
     """
     if peer.destination.stow_url:
         _stow(peer, files)
+        if on_stored is not None:
+            for path in files:
+                on_stored(path)
     else:
-        _c_store(peer, files, calling_ae_title)
+        _c_store(peer, files, calling_ae_title, on_stored)
 
 
-def _c_store(peer: Peer, files: Sequence[Path], calling_ae_title: str) -> None:
+def _c_store(
+    peer: Peer,
+    files: Sequence[Path],
+    calling_ae_title: str,
+    on_stored: Callable[[Path], None] | None = None,
+) -> None:
     destination = peer.destination
     if peer.host is None or peer.ae_title is None or destination.port is None:
         raise DeliveryFailure(f"{peer.name}: no host or AE title to send to", permanent=True)
     target = Target(peer.ae_title, peer.host, destination.port)
+
+    def stored(path: Path, outcome: str) -> None:
+        if on_stored is not None and (outcome == "Success" or outcome.endswith(" Warning")):
+            on_stored(path)
+
     try:
         summary = push(
             files,
             target,
             calling_ae_title=calling_ae_title,
             timeout=destination.timeout_seconds,
-            tls=_tls_context(destination.tls),
+            tls=tls_context(destination.tls),
+            on_file=stored,
         )
     except NoAcceptedContextError as exc:
         raise DeliveryFailure(f"{peer.describe()}: {exc}", permanent=True) from exc
@@ -98,7 +122,8 @@ def _c_store(peer: Peer, files: Sequence[Path], calling_ae_title: str) -> None:
     raise DeliveryFailure(f"{peer.describe()} refused: {details}", permanent=not transient)
 
 
-def _tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
+def tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
+    """The TLS context of a destination's ``tls:`` settings (``None`` when TLS is off)."""
     if not settings.enabled:
         return None
     try:
@@ -128,7 +153,7 @@ def _stow(peer: Peer, files: Sequence[Path]) -> None:
         "Accept": "application/dicom+json",
     }
     url = peer.destination.stow_url.rstrip("/") + "/studies"
-    verify: ssl.SSLContext | bool = _tls_context(peer.destination.tls) or True
+    verify: ssl.SSLContext | bool = tls_context(peer.destination.tls) or True
     try:
         response = httpx.post(
             url,

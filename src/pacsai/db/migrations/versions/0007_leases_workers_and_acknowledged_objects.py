@@ -38,7 +38,9 @@ def upgrade() -> None:
         sa.Column("confirmed_by", sa.String(length=16), nullable=False),
         sa.Column("acknowledged_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["delivery_id"], ["deliveries.id"], name=op.f("fk_delivered_objects_delivery_id_deliveries")
+            ["delivery_id"],
+            ["deliveries.id"],
+            name=op.f("fk_delivered_objects_delivery_id_deliveries"),
         ),
         sa.ForeignKeyConstraint(
             ["result_object_id"],
