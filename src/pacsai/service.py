@@ -158,7 +158,7 @@ class Node:
             self.queue.start()
             self.completion.run_once()  # studies that went quiet while the node was down
             self.completion.start()
-        if self.settings.api.enabled or self.role == "api":
+        if (self.role == "all" and self.settings.api.enabled) or self.role == "api":
             try:
                 self._start_api()
             except PacsaiError:
