@@ -10,6 +10,7 @@ doubles up to a minute while children keep dying young. The child is the same co
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -17,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -61,7 +63,9 @@ class WorkerSupervisor:
         self.database = database
         self.name = name
         self._context = multiprocessing.get_context("spawn")
-        self._wake = self._context.Event()
+        # A pipe per child, not a multiprocessing.Event: setting an Event whose waiter was killed
+        # blocks forever (its condition waits for the dead waiter to wake).
+        self._wake: Connection | None = None
         self._stop = threading.Event()
         self._child: BaseProcess | None = None
         self._lock = threading.Lock()
@@ -70,8 +74,13 @@ class WorkerSupervisor:
         self.last_exit: str | None = None
 
     def wake(self) -> None:
-        """Tell the child that work was queued."""
-        self._wake.set()
+        """Tell the child that work was queued (never blocks: a full or broken pipe means the
+        child has wake-ups pending, or is gone)."""
+        writer = self._wake
+        if writer is None:
+            return
+        with contextlib.suppress(OSError):
+            writer.send_bytes(b"w")
 
     def alive(self) -> bool:
         """Whether the child process runs now."""
@@ -101,13 +110,19 @@ class WorkerSupervisor:
             self._thread.join(15)
 
     def _spawn(self) -> BaseProcess:
+        reader, writer = self._context.Pipe(duplex=False)
+        os.set_blocking(writer.fileno(), False)
         child = self._context.Process(
             target=run_worker_process,
-            args=(self.settings.model_dump(mode="json"), self.name, self._wake, os.getpid()),
+            args=(self.settings.model_dump(mode="json"), self.name, reader, os.getpid()),
             name=f"pacsai-{self.name}-worker",
             daemon=False,
         )
         child.start()
+        reader.close()  # the child's end: a dead child then breaks the pipe
+        previous, self._wake = self._wake, writer
+        if previous is not None:
+            previous.close()
         return child
 
     def _supervise(self) -> None:
@@ -176,7 +191,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_worker_process(data: dict[str, Any], name: str, wake: Any, parent_pid: int) -> None:
+def run_worker_process(data: dict[str, Any], name: str, wake: Connection, parent_pid: int) -> None:
     """Entry point of `pacsai serve`'s worker process: a :class:`Worker` of every queue."""
     _die_with_parent(parent_pid)
     from pacsai.jobs.worker import ALL_QUEUES, Worker, WorkerOptions
@@ -206,9 +221,14 @@ def run_worker_process(data: dict[str, Any], name: str, wake: Any, parent_pid: i
 
     def relay() -> None:
         while not worker.stopped.is_set():
-            if wake.wait(0.5):
-                wake.clear()
-                worker.wake()
+            try:
+                if wake.poll(0.5):
+                    while wake.poll(0):
+                        wake.recv_bytes()
+                    worker.wake()
+            except (EOFError, OSError):  # the parent is gone
+                worker.request_stop()
+                return
             if os.getppid() != parent_pid:
                 log.warning("the pacsai serve process is gone; this worker stops")
                 worker.request_stop()
