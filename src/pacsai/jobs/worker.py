@@ -164,8 +164,10 @@ class Worker:
             models=lambda: dict(self.models),
             on_lost=self.request_stop,
         )
+        self.heartbeat.beat()  # its models are "loading" while they warm
         self.heartbeat.start()
         self.models = warm_models(registry)
+        self.heartbeat.beat()
         self.runner = JobRunner(
             settings, self.database, registry, owner=self.worker_id, serves=self.serves
         )
