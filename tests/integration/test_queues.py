@@ -64,3 +64,41 @@ def test_a_route_pinned_to_a_queue_runs_on_that_queues_worker(tmp_path: Path) ->
         for process in processes:
             process.terminate()
         database.dispose()
+
+
+def test_a_worker_that_cannot_see_its_device_refuses_to_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here: ask for one beyond the last instead")
+    settings = make_settings(tmp_path, inference={"models_dir": str(REPO / "models")})
+    config = tmp_path / "pacsai.yaml"
+    config.write_text(json.dumps(settings.model_dump(mode="json", exclude_none=True)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pacsai.cli",
+            "worker",
+            "--device",
+            "cuda:0",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot use device 'cuda:0'" in result.stderr
+    assert "no CUDA device is visible" in result.stderr
+    database = Database(settings.database.url)
+    try:
+        assert db_rows(database, Worker) == []  # it never registered
+    finally:
+        database.dispose()
