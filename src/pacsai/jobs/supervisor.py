@@ -5,7 +5,9 @@ ends the process running it, only the worker goes, never the receiver. The super
 child end, takes back what it held at once (its jobs QUEUED again, or FAILED with the cause after
 ``queue.max_attempts``; its deliveries due again), and starts a new child after a backoff that
 doubles up to a minute while children keep dying young. The child is the same code as
-`pacsai worker` (:class:`pacsai.jobs.worker.Worker`), and it dies with its parent.
+`pacsai worker` (:class:`pacsai.jobs.worker.Worker`), and it dies with its parent. Its log
+records come back through a pipe and go through the node's own logging set-up, so that the
+node's log is one stream (text or JSON) whichever process wrote a line.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import logging.handlers
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -112,14 +116,26 @@ class WorkerSupervisor:
     def _spawn(self) -> BaseProcess:
         reader, writer = self._context.Pipe(duplex=False)
         os.set_blocking(writer.fileno(), False)
+        log_reader, log_writer = self._context.Pipe(duplex=False)
         child = self._context.Process(
             target=run_worker_process,
-            args=(self.settings.model_dump(mode="json"), self.name, reader, os.getpid()),
+            args=(
+                self.settings.model_dump(mode="json"),
+                self.name,
+                reader,
+                os.getpid(),
+                log_writer,
+                logging.getLogger().getEffectiveLevel(),
+            ),
             name=f"pacsai-{self.name}-worker",
             daemon=False,
         )
         child.start()
-        reader.close()  # the child's end: a dead child then breaks the pipe
+        reader.close()  # the child's ends: a dead child then breaks the pipes
+        log_writer.close()
+        threading.Thread(
+            target=_relay_logs, args=(log_reader,), name="pacsai-worker-log", daemon=True
+        ).start()
         previous, self._wake = self._wake, writer
         if previous is not None:
             previous.close()
@@ -179,6 +195,34 @@ class WorkerSupervisor:
             log.error("could not take back the dead worker's jobs (they run out): %s", exc)
 
 
+def _relay_logs(reader: Connection) -> None:
+    """Hand the worker process's log records to this process's handlers, until it ends."""
+    with reader:
+        while True:
+            try:
+                fields = reader.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):  # the child is gone
+                return
+            record = logging.makeLogRecord(fields)
+            logging.getLogger(record.name).handle(record)
+
+
+class _PipeHandler(logging.handlers.QueueHandler):
+    """Sends each record (message formatted, exception as text) to the parent process."""
+
+    def __init__(self, writer: Connection) -> None:
+        super().__init__(queue=None)  # type: ignore[arg-type]
+        self.writer = writer
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        fields = {
+            key: value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+            for key, value in record.__dict__.items()
+        }
+        with contextlib.suppress(OSError):  # the parent is gone; this process follows it
+            self.writer.send(fields)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel kill this process when its parent dies (a killed node takes its
     worker with it); elsewhere the worker notices within a second."""
@@ -191,15 +235,26 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_worker_process(data: dict[str, Any], name: str, wake: Connection, parent_pid: int) -> None:
+def run_worker_process(
+    data: dict[str, Any],
+    name: str,
+    wake: Connection,
+    parent_pid: int,
+    log_writer: Connection,
+    log_level: int,
+) -> None:
     """Entry point of `pacsai serve`'s worker process: a :class:`Worker` of every queue."""
     _die_with_parent(parent_pid)
     from pacsai.jobs.worker import ALL_QUEUES, Worker, WorkerOptions
-    from pacsai.logs import setup_logging
     from pacsai.service import configure_libraries
 
     settings = Settings(**data)
-    setup_logging(settings.logging)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # every record goes to the parent's handlers instead
+        root.removeHandler(handler)
+    root.addHandler(_PipeHandler(log_writer))
+    root.setLevel(min(log_level, logging.getLevelName(settings.logging.level)))
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # as pacsai.logs does
     configure_libraries()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     worker = Worker(
