@@ -131,6 +131,15 @@ class CeleryQueue(JobQueue):
                     update(Job).where(Job.id.in_(published)).values(published_at=utcnow())
                 )
 
+    def notify(self) -> None:
+        """A retry made jobs QUEUED: publish them now rather than at the next reconciliation."""
+        try:
+            self.reconcile()
+        except PacsaiError as exc:
+            log.warning(
+                "could not publish the jobs queued again now (%s); the reconciler will", exc
+            )
+
     def health(self) -> QueueHealth:
         where = self._broker_display()
         try:
