@@ -128,7 +128,7 @@ def settings_for(folder: Path, url: str, port: int) -> dict[str, Any]:
         "queue": {"backend": "local", "local_workers": 0, "poll_seconds": 0.2},
         "inference": {"models_dir": str(REPO / "models"), "device": "cpu"},
         "api": {"enabled": False},
-        "logging": {"level": "WARNING"},
+        "logging": {"level": "INFO"},
     }
 
 
@@ -148,8 +148,10 @@ def push(paths: list[Path], port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def jobs_throughput(admin: str | None, studies: list[list[Path]], workers: int) -> float:
-    """Studies per minute run by ``workers`` worker processes."""
+def jobs_throughput(
+    admin: str | None, studies: list[list[Path]], workers: int
+) -> tuple[float, float]:
+    """(studies per minute run by ``workers`` worker processes, mean seconds per job)."""
     with tempfile.TemporaryDirectory(prefix="pacsai-scale-") as tmp:
         folder = Path(tmp)
         with fresh_database(admin, folder) as url:
@@ -183,6 +185,7 @@ def jobs_throughput(admin: str | None, studies: list[list[Path]], workers: int) 
                     first, last = session.execute(
                         select(func.min(Job.started_at), func.max(Job.finished_at))
                     ).one()
+                    spans = session.execute(select(Job.started_at, Job.finished_at)).all()
                     failed = session.scalar(
                         select(func.count(Job.id)).where(Job.status != JobStatus.SUCCEEDED)
                     )
@@ -191,7 +194,8 @@ def jobs_throughput(admin: str | None, studies: list[list[Path]], workers: int) 
             finally:
                 processes.stop()
                 database.dispose()
-    return len(studies) / (last - first).total_seconds() * 60
+    mean = sum((end - start).total_seconds() for start, end in spans) / len(spans)
+    return len(studies) / (last - first).total_seconds() * 60, mean
 
 
 def _count(database: Database, *, finished: bool = False) -> int:
@@ -263,12 +267,13 @@ def main() -> None:
                 list(write_phantom(args.modality, folder / f"j{i}", seed=900 + i).paths)
                 for i in range(args.studies)
             ]
-            one = jobs_throughput(admin, studies, 1)
-            two = jobs_throughput(admin, studies, 2)
+            one, one_job = jobs_throughput(admin, studies, 1)
+            two, two_job = jobs_throughput(admin, studies, 2)
             kind = args.modality.upper()
             print(f"jobs ({args.studies} {kind} phantom studies, one core per worker)")
-            print(f"  1 worker:  {one:7.1f} studies/min")
-            print(f"  2 workers: {two:7.1f} studies/min   scaling {two / one:.2f}x")
+            print(f"  1 worker:  {one:7.1f} studies/min   {one_job:5.2f} s per job")
+            print(f"  2 workers: {two:7.1f} studies/min   {two_job:5.2f} s per job", end="")
+            print(f"   scaling {two / one:.2f}x")
         if not args.skip_receive:
             studies = [
                 list(write_phantom("ct", folder / f"r{i}", seed=950 + i).paths)
