@@ -7,12 +7,10 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+# deploy/install.sh is the one install procedure (CI, container images, bare metal): torch first,
+# pinned (a bare `torch` requirement would pull several GB of CUDA packages), then pacsai.
+$(VENV)/.installed: pyproject.toml deploy/install.sh
+	PYTHON=$(PYTHON) PACSAI_EXTRAS=dev PACSAI_EDITABLE=1 ./deploy/install.sh $(VENV)
 	touch $@
 
 run: install

@@ -505,3 +505,75 @@ def seed_study(
                         update(Delivery).where(Delivery.id == delivery_id).values(status=delivery)
                     )
     return seeded
+
+
+class PacsaiProcess:
+    """Any `pacsai` command as a real process (``serve --role ...``, ``worker ...``), with its
+    own configuration file and log, started and judged ready by ``ready(log text)``."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        settings: Settings,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.settings = settings
+        self.workdir = workdir
+        self.config = workdir / f"{name}.yaml"
+        self.log = workdir / f"{name}.log"
+        self.extra_env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: Callable[[str], bool], timeout: float = 120) -> PacsaiProcess:
+        import yaml
+
+        self.config.write_text(
+            yaml.safe_dump(self.settings.model_dump(mode="json", exclude_none=True))
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
+        env.update(self.extra_env)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pacsai.cli", *self.args, "--config", str(self.config)],
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+        def started() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited:\n{self.log.read_text()[-5000:]}")
+            return ready(self.log.read_text(errors="replace"))
+
+        wait_for(started, timeout=timeout, interval=0.2)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=30)

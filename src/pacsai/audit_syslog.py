@@ -157,9 +157,9 @@ class SyslogForwarder:
         self._deadline = 0.0
         self._dropping = False
         self._counting = threading.Lock()
-        self._context = self._tls_context() if settings.tls else None
+        self._context = self.tls_context() if settings.tls else None
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def tls_context(self) -> ssl.SSLContext:
         """Verify the collector against ``ca`` (or the system's CAs) and its host name."""
         try:
             context = ssl.create_default_context(

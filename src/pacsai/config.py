@@ -128,6 +128,10 @@ class NodeSettings(_Section):
     # Modality Performed Procedure Step on the DICOM port: a COMPLETED step tells study
     # completion which series and how many instances to wait for (then no quiet window).
     mpps: bool = True
+    # This node's identity in leases and the workers table; null: <hostname>-<random>, made once
+    # and kept in state_dir/node-id. Each host needs its own (never share state_dir).
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("./var")  # local to this host: the node identity lives here
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -154,20 +158,37 @@ class DatabaseSettings(_Section):
         return value
 
 
+QUEUE_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class QueueSettings(_Section):
-    """How QUEUED jobs reach workers."""
+    """How QUEUED jobs reach workers, and how workers hold on to what they run.
+
+    ``local``: workers poll the database (the job table is the queue); `pacsai serve` runs them
+    in a child worker process. ``celery``: a job's id is published to RabbitMQ (``broker_url``)
+    and `pacsai worker` processes consume it. Either way the database is the truth: a worker
+    holds a job or delivery under a lease of ``lease_seconds`` that it renews, and only an
+    expired lease makes the work runnable again.
+    """
 
     backend: Literal["local", "celery"] = "local"
     broker_url: str | None = None
-    local_workers: int = Field(default=1, ge=0, le=64)  # job threads in `pacsai serve` (local)
+    broker_queue_prefix: str = Field(default="pacsai", pattern=QUEUE_NAME)  # <prefix>.<queue>
+    local_workers: int = Field(default=1, ge=0, le=64)  # job threads of `pacsai serve` (local)
     delivery_workers: int = Field(default=1, ge=1, le=64)  # threads sending results
     poll_seconds: float = Field(default=1.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1)  # a job interrupted this many times is FAILED
+    max_attempts: int = Field(default=3, ge=1)  # a job whose worker was lost this often: FAILED
+    lease_seconds: float = Field(default=60.0, ge=3)  # renewed every third of it
+    reconcile_seconds: float = Field(default=10.0, gt=0)  # expired leases, lost messages
 
     @model_validator(mode="after")
     def _broker(self) -> QueueSettings:
         if self.backend == "celery" and not self.broker_url:
             raise ValueError("queue.backend celery needs queue.broker_url (amqp://...)")
+        if self.broker_url is not None and not self.broker_url.startswith(
+            ("amqp://", "amqps://", "pyamqp://")
+        ):
+            raise ValueError("queue.broker_url must be an amqp:// URL (RabbitMQ)")
         return self
 
 
@@ -292,6 +313,7 @@ class Route(_Section):
     # others are resampled onto. ``series:`` is then not used.
     channels: dict[str, SeriesRule] | None = None
     priority: list[PriorityRule] | None = None  # any rule holding flags the study as priority
+    queue: str | None = Field(default=None, pattern=QUEUE_NAME)  # pin to workers of this queue
 
 
 class DestinationTls(_Section):

@@ -14,6 +14,7 @@ __all__ = [
     "DeliveryError",
     "InferenceError",
     "InvalidInstanceError",
+    "LeaseLostError",
     "ModelError",
     "PacsaiError",
     "ReceiveError",
@@ -82,3 +83,9 @@ class ReportError(PacsaiError):
 
 class DeliveryError(PacsaiError):
     """A result could not be sent to a destination."""
+
+
+class LeaseLostError(PacsaiError):
+    """A worker no longer holds the job or delivery it works on: its lease ran out (the
+    worker was taken for lost) and another attempt may have begun. The worker must stop
+    without recording anything for it."""

@@ -47,7 +47,7 @@ from pacsai.db import (
     append_event,
 )
 from pacsai.errors import ConfigError, DeliveryError, PacsaiError
-from pacsai.reporting.delivery import _tls_context as tls_context
+from pacsai.reporting.delivery import tls_context as tls_context
 from pacsai.scp.handlers import handle_store
 from pacsai.scp.server import TRANSFER_SYNTAXES
 from pacsai.scp.store import AssociationState, InstanceStore

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.status import code_to_category
 
 from pacsai.errors import ConfigError, DeliveryError
@@ -26,6 +30,7 @@ __all__ = [
     "PushSummary",
     "Target",
     "echo",
+    "find_instances",
     "iter_files",
     "open_association",
     "push",
@@ -312,3 +317,47 @@ def store_file(assoc: object, path: Path) -> tuple[str, str, bool]:
     comment = str(response.get("ErrorComment", "")).strip()
     label = "Success" if status == 0 else f"0x{status:04X} {category}"
     return label, comment, category in ("Success", "Warning")
+
+
+def find_instances(
+    target: Target,
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    calling_ae_title: str = "PACSAI",
+    timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
+) -> set[str]:
+    """The SOP Instance UIDs of one series that `target` holds: C-FIND, Study Root
+    Query/Retrieve Information Model, IMAGE level (PS3.4 C.4.1).
+
+    Raises
+    ------
+    NoAcceptedContextError
+        If the peer does not take Study Root C-FIND (a storage-only SCP).
+    DeliveryError
+        If no association could be established, or the query failed.
+    """
+    ae = _ae(calling_ae_title, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    query.SOPInstanceUID = ""
+    found: set[str] = set()
+    with _association(ae, target, tls, timeout) as assoc:
+        try:
+            responses = assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            for status, identifier in responses:
+                if "Status" not in status:
+                    raise DeliveryError(f"{target} sent no C-FIND response")
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    if identifier is not None and "SOPInstanceUID" in identifier:
+                        found.add(str(identifier.SOPInstanceUID))
+                elif code != 0:
+                    raise DeliveryError(f"{target} answered C-FIND with 0x{code:04X}")
+        except (ValueError, AttributeError) as exc:
+            raise NoAcceptedContextError(f"{target} does not take C-FIND: {exc}") from exc
+    return found

@@ -1,5 +1,5 @@
-"""The node: database, spool, receiver, study assembly, workers and the HTTP API, started and
-stopped together."""
+"""The node: database, spool, receiver, study assembly, the job queue, the worker process and the
+HTTP API, started and stopped together (or some of them, by role)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydicom.config
 from pynetdicom import _config as pynetdicom_config
@@ -31,15 +31,16 @@ from pacsai.db import (
 )
 from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError, PacsaiError
+from pacsai.jobs.queue import JobQueue, make_queue
 from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
 from pacsai.scp.orders import OrderListener
 
 if TYPE_CHECKING:
     from pacsai.api import ApiServer
     from pacsai.inference import ModelRegistry
-    from pacsai.jobs import DeliveryWorkers, LocalWorkers
+    from pacsai.jobs.supervisor import WorkerSupervisor
 
-__all__ = ["Node", "configure_libraries", "prepare_database", "run_receiver_process"]
+__all__ = ["Node", "Role", "configure_libraries", "prepare_database", "run_receiver_process"]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,11 @@ def configure_libraries() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
-def prepare_database(settings: Settings) -> Database:
+def prepare_database(settings: Settings, *, pool_size: int | None = None) -> Database:
     """Open the database and bring its schema to this version's (or insist that it is)."""
-    database = Database(settings.database.url, pool_size=settings.node.max_associations + 4)
+    database = Database(
+        settings.database.url, pool_size=pool_size or settings.node.max_associations + 4
+    )
     if settings.database.auto_upgrade:
         upgrade(database)
     elif current_revision(database) != head_revision():
@@ -66,68 +69,63 @@ def prepare_database(settings: Settings) -> Database:
     return database
 
 
-class Node:
-    """Everything `pacsai serve` runs in one process."""
+Role = Literal["all", "receiver", "api"]
 
-    def __init__(self, settings: Settings) -> None:
+
+class Node:
+    """What one `pacsai serve` process runs, by ``role``.
+
+    - ``all`` (the default): receiver, study completion, the HTTP API (``api.enabled``), and
+      with the local backend a supervised worker child process running jobs and deliveries;
+    - ``receiver``: receiver and study completion only, submitting jobs to the queue;
+    - ``api``: the HTTP API only.
+
+    Every role but ``api`` runs the queue's reconciler (expired leases, lost messages).
+    """
+
+    def __init__(self, settings: Settings, *, role: Role = "all") -> None:
         self.settings = settings
+        self.role = role
         self.database = prepare_database(settings)
         self.spool = Spool(
             settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
         )
         self.instances = InstanceStore(database=self.database, spool=self.spool)
         processes = settings.node.receiver_processes
-        self.receiver = Receiver(
+        self.receiver = Receiver(  # started unless the role is api
             settings.node,
             instances=self.instances,
             reuse_port=processes > 1,
             max_associations=_share(settings.node.max_associations, processes),
         )
         self._children: list[BaseProcess] = []
-        self.deliveries: DeliveryWorkers | None = None
         self.registry: ModelRegistry | None = None
         self.api: ApiServer | None = None
-        self.workers = self._local_workers(settings)
+        self.supervisor: WorkerSupervisor | None = None
+        if role == "all" and settings.queue.backend == "local" and settings.queue.local_workers:
+            from pacsai.jobs.supervisor import WorkerSupervisor
+
+            self.supervisor = WorkerSupervisor(settings, self.database)
+        self.queue: JobQueue = make_queue(
+            settings,
+            self.database,
+            wake=self.supervisor.wake if self.supervisor is not None else None,
+        )
+        # `notify()` wakes the worker process; None when this process runs no worker.
+        self.workers: JobQueue | None = self.queue if self.supervisor is not None else None
+        self.deliveries: JobQueue | None = self.workers
         self.completion = StudyCompletionMonitor(
             self.database,
             interval=min(1.0, settings.node.study_quiet_seconds / 4),
-            on_queued=self.workers.notify if self.workers else None,
+            on_queued=self.queue.submit,
         )
         self.orders = (
             OrderListener(settings.orders, self.database, application=settings.node.ae_title)
-            if settings.orders.enabled
+            if settings.orders.enabled and role != "api"
             else None
         )
         self._stopped = threading.Event()
         self.audit_forwarder: SyslogForwarder | None = None
-
-    def _local_workers(self, settings: Settings) -> LocalWorkers | None:
-        """Job threads of the local queue backend (none with ``queue.local_workers: 0``)."""
-        if settings.queue.backend != "local" or settings.queue.local_workers == 0:
-            return None
-        from pacsai.inference import ModelRegistry
-        from pacsai.jobs import DeliveryWorkers, JobRunner, LocalWorkers
-
-        registry = ModelRegistry.from_settings(settings.inference)
-        self.registry = registry
-        for entry in registry.entries.values():
-            if entry.bundle is not None:
-                log.info("model %s %s ready", entry.name, entry.bundle.display_version)
-        runner = JobRunner(settings, self.database, registry)
-        self.deliveries = DeliveryWorkers(
-            settings,
-            self.database,
-            count=settings.queue.delivery_workers,
-            poll_seconds=settings.queue.poll_seconds,
-        )
-        runner.on_delivery_queued = self.deliveries.notify
-        return LocalWorkers(
-            runner,
-            self.database,
-            count=settings.queue.local_workers,
-            poll_seconds=settings.queue.poll_seconds,
-            max_attempts=settings.queue.max_attempts,
-        )
 
     def _audit_activity(self, event_type: AuditEventType) -> None:
         with self.database.transaction() as session:
@@ -138,58 +136,56 @@ class Node:
                 action=AuditAction.EXECUTE,
                 outcome=AuditOutcome.SUCCESS,
                 actor=self.settings.node.ae_title,
-                detail={"version": __version__},
+                detail={"version": __version__, "role": self.role},
             )
 
     def start(self) -> None:
-        """Recover what a previous run left, then receive and assemble studies."""
-        leftovers = self.spool.clean_incoming()
-        with self.database.transaction() as session:
-            interrupted = interrupt_open_associations(session=session, now=utcnow())
-        if leftovers or interrupted:
-            log.warning(
-                "recovered from an unclean stop: %d unacknowledged partial files removed, "
-                "%d open associations closed as INTERRUPTED",
-                leftovers,
-                interrupted,
-            )
+        """Recover what a previous run left, then receive, assemble studies and serve."""
         self.audit_forwarder = start_forwarding(self.settings, self.database.engine)
+        if self.role != "api":
+            leftovers = self.spool.clean_incoming()
+            with self.database.transaction() as session:
+                interrupted = interrupt_open_associations(session=session, now=utcnow())
+            if leftovers or interrupted:
+                log.warning(
+                    "recovered from an unclean stop: %d unacknowledged partial files removed, "
+                    "%d open associations closed as INTERRUPTED",
+                    leftovers,
+                    interrupted,
+                )
         self._audit_activity(AuditEventType.APPLICATION_START)
-        self.receiver.start()
-        if self.registry is not None and self.settings.inference.warm_up:
-            # Models load and run once while the receiver already answers (C-ECHO, C-STORE):
-            # the first study is then as fast as the second, and a bundle that cannot run is
-            # refused now, with its cause, rather than at the first patient.
-            threading.Thread(
-                target=self.registry.warm_up, name="model-warm-up", daemon=True
-            ).start()
+        if self.role != "api":
+            self.receiver.start()
+            self._start_children()
         if self.orders is not None:
             self.orders.start()
-        self._start_children()
-        if self.workers is not None:
-            self.workers.recover()
-            self.workers.start()
-        if self.deliveries is not None:
-            self.deliveries.start()
-        self.completion.run_once()  # studies that went quiet while the node was down
-        self.completion.start()
-        if self.settings.api.enabled:
+        if self.supervisor is not None:
+            self.supervisor.start()
+        if self.role != "api":
+            self.queue.recover()  # expired leases, and jobs a broker never got
+            self.queue.start()
+            self.completion.run_once()  # studies that went quiet while the node was down
+            self.completion.start()
+        if (self.role == "all" and self.settings.api.enabled) or self.role == "api":
             try:
                 self._start_api()
             except PacsaiError:
                 self.stop()
                 raise
         node = self.settings.node
-        log.info(
-            "pacsai %s listening as AE %s on %s:%d%s; database %s; spool %s",
-            __version__,
-            node.ae_title,
-            node.host,
-            self.receiver.port,
-            " (TLS)" if node.tls.enabled else "",
-            self.database.display_url,
-            self.spool.root,
-        )
+        if self.role != "api":
+            log.info(
+                "pacsai %s listening as AE %s on %s:%d%s; database %s; spool %s; queue %s%s",
+                __version__,
+                node.ae_title,
+                node.host,
+                self.receiver.port,
+                " (TLS)" if node.tls.enabled else "",
+                self.database.display_url,
+                self.spool.root,
+                self.settings.queue.backend,
+                "" if self.role == "all" else f"; role {self.role}",
+            )
 
     @property
     def api_port(self) -> int | None:
@@ -197,54 +193,53 @@ class Node:
         return self.api.port if self.api is not None else None
 
     def _start_api(self) -> None:
-        """Serve the HTTP API from a thread of this process (``api.enabled``)."""
+        """Serve the HTTP API from a thread of this process."""
         from pacsai.api import ApiServer, create_app
 
         app = create_app(
             self.settings,
             self.database,
             registry=self.registry,
-            queue_probe=self._workers_alive if self.workers is not None else None,
-            on_retry=self._wake_workers,
+            queue=self.queue,
+            queue_probe=self._worker_process if self.supervisor is not None else None,
+            on_retry=self.queue.notify,
         )
         server = ApiServer(app, host=self.settings.api.host, port=self.settings.api.port)
         server.start()
         self.api = server
 
-    def _workers_alive(self) -> tuple[int, int]:
-        """(alive, expected) local job worker threads, for the API's readiness check."""
-        assert self.workers is not None
-        return self.workers.alive, self.workers.count
-
-    def _wake_workers(self) -> None:
-        """A retry through the API queued a job or deliveries: run them now, not at the next
-        poll."""
-        if self.workers is not None:
-            self.workers.notify()
-        if self.deliveries is not None:
-            self.deliveries.notify()
+    def _worker_process(self) -> tuple[bool, str]:
+        """Whether this node's worker process runs, for the API's readiness check."""
+        assert self.supervisor is not None
+        expected = self.settings.queue.local_workers
+        if self.supervisor.alive():
+            return True, f"{expected}/{expected} local workers alive (worker process running)"
+        last = f", the last one {self.supervisor.last_exit}" if self.supervisor.last_exit else ""
+        return False, f"0/{expected} local workers alive (worker process restarting{last})"
 
     def stop(self) -> None:
-        """Finish in-flight instances, stop, and record the stop."""
+        """Finish in-flight instances and jobs, stop, and record the stop."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         if self.api is not None:
             self.api.stop()
+        grace = self.settings.node.shutdown_grace_seconds
         log.info("stopping: no new associations; waiting for open ones to finish")
         for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
-        self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        if self.role != "api":
+            self.receiver.stop(grace)
         if self.orders is not None:
             self.orders.stop()
         for child in self._children:
-            child.join(self.settings.node.shutdown_grace_seconds + 10)
-        self.completion.stop()
-        if self.workers is not None:
-            self.workers.stop()
-        if self.deliveries is not None:
-            self.deliveries.stop()
+            child.join(grace + 10)
+        if self.role != "api":
+            self.completion.stop()
+            self.queue.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop(grace + 30)
         self._audit_activity(AuditEventType.APPLICATION_STOP)
         if self.audit_forwarder is not None:
             self.audit_forwarder.stop()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from pacsai.inference import ModelRegistry
+    from pacsai.jobs.queue import JobQueue
 
 __all__ = [
     "ApiContext",
@@ -28,8 +29,8 @@ __all__ = [
     "remote_address",
 ]
 
-QueueProbe = Callable[[], tuple[int, int]]
-"""Returns (worker threads alive, worker threads expected) of the node's local queue."""
+QueueProbe = Callable[[], tuple[bool, str]]
+"""Whether the node's own worker process runs, and a sentence saying so."""
 
 Notify = Callable[[], None]
 """Wakes the node's job and delivery workers after a retry queued something."""
@@ -42,6 +43,7 @@ class ApiContext:
     settings: Settings
     database: Database
     registry: ModelRegistry | None = None
+    queue: JobQueue | None = None
     queue_probe: QueueProbe | None = None
     on_retry: Notify | None = None
     metrics: CollectorRegistry | None = None

@@ -19,6 +19,7 @@ from pacsai.db import Database
 
 if TYPE_CHECKING:
     from pacsai.inference import ModelRegistry
+    from pacsai.jobs.queue import JobQueue
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -38,6 +39,7 @@ def create_app(
     database: Database,
     *,
     registry: ModelRegistry | None = None,
+    queue: JobQueue | None = None,
     queue_probe: QueueProbe | None = None,
     on_retry: Notify | None = None,
 ) -> FastAPI:
@@ -54,9 +56,12 @@ def create_app(
     registry
         The node's :class:`pacsai.inference.ModelRegistry`, if it has one; otherwise readiness
         scans ``inference.models_dir`` once.
+    queue
+        The node's job queue, for readiness (is its broker reachable); ``None``: one is made
+        from ``queue:`` when readiness is first asked.
     queue_probe
-        Returns (alive, expected) local worker threads, for readiness; ``None`` when jobs run
-        elsewhere.
+        Whether the node's own worker process runs, for readiness; ``None`` when it has none
+        (jobs run in `pacsai worker` processes, seen through the workers table).
     on_retry
         Called after a retry queued a job or deliveries, to wake the workers.
     """
@@ -73,6 +78,7 @@ def create_app(
         settings=settings,
         database=database,
         registry=registry,
+        queue=queue,
         queue_probe=queue_probe,
         on_retry=on_retry,
         metrics=new_registry(database),

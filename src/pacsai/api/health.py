@@ -3,8 +3,10 @@
 Both are open when ``api.open_health`` is true (the default, for load balancers and
 orchestrators), otherwise they need a viewer token. ``/readyz`` answers 503 with the same body
 when a check fails: the database answers, the spool directory is writable with
-``storage.min_free_mb`` free, at least one model is ready when models are configured, and the
-node's local job workers are alive (the QUEUED backlog is reported, not judged).
+``storage.min_free_mb`` free, at least one model is ready when models are configured, and jobs
+can reach a worker: the broker answers (celery), the node's own worker process runs (local), a
+live worker takes each queue that has QUEUED jobs. ``workers`` lists the live workers from the
+workers table, with their device, queues and the state of their models (warm or not).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from pacsai import __version__
 from pacsai.api._context import ApiContext, api_context
 from pacsai.api.auth import require_role
 from pacsai.api.problems import problem_responses
-from pacsai.db import Job, JobStatus
+from pacsai.db import Job, JobStatus, utcnow
+from pacsai.db.workers import WorkerInfo, list_workers
 from pacsai.errors import DatabaseError
 
-__all__ = ["Check", "Health", "Readiness", "health_router"]
+__all__ = ["Check", "Health", "Readiness", "WorkerState", "health_router"]
 
 
 class Health(BaseModel):
@@ -43,6 +46,20 @@ class Check(BaseModel):
     detail: str
 
 
+class WorkerState(BaseModel):
+    """A live worker, as its last heartbeat reported it."""
+
+    id: str = Field(description="<node id>/<name>")
+    host: str
+    pid: int
+    backend: str
+    device: str
+    queues: list[str] = Field(description='job queues it takes ("*": every queue)')
+    concurrency: int
+    models: dict[str, str] = Field(description='model -> "warm", "loading" or why not')
+    heartbeat_at: datetime
+
+
 class Readiness(BaseModel):
     """Every readiness check; ``ready`` when all of them passed."""
 
@@ -50,6 +67,7 @@ class Readiness(BaseModel):
     checks: dict[str, Check] = Field(description="database, spool, models, queue")
     queued_jobs: int | None = Field(description="QUEUED jobs (null: database not answering)")
     oldest_queued_at: datetime | None
+    workers: list[WorkerState] = Field(default_factory=list, description="live workers")
 
 
 def _database(context: ApiContext) -> tuple[Check, int | None, datetime | None]:
@@ -97,31 +115,77 @@ def _models(context: ApiContext) -> Check:
     return Check(ok=True, detail=f"ready: {', '.join(ready)}")
 
 
-def _queue(context: ApiContext, queued: int | None) -> Check:
+def _queue(context: ApiContext, queued: int | None) -> tuple[Check, list[WorkerInfo]]:
+    settings = context.settings
+    if context.queue is None:
+        from pacsai.jobs.queue import make_queue
+
+        context.queue = make_queue(settings, context.database)
+    problems: list[str] = []
+    notes: list[str] = []
+    if context.queue_probe is not None:
+        running, detail = context.queue_probe()
+        (notes if running else problems).append(detail)
+    transport = context.queue.health()
+    (notes if transport.ok else problems).append(transport.detail)
+    try:
+        with context.database.reading() as session:
+            workers = list_workers(session=session, include_stopped=True)
+            waiting = dict(
+                session.execute(
+                    select(Job.queue, func.count(Job.id))
+                    .where(Job.status == JobStatus.QUEUED)
+                    .group_by(Job.queue)
+                ).all()
+            )
+    except DatabaseError:
+        return Check(ok=False, detail="; ".join([*problems, "database not answering"])), []
+    now = utcnow()
+    live = [w for w in workers if w.live(now, settings.queue.lease_seconds)]
+    celery = settings.queue.backend == "celery"
+    if celery and not live:
+        problems.append("no live worker: nothing runs the jobs (start `pacsai worker`)")
+    for queue, count in sorted(waiting.items()):
+        if not any(w.serves(queue) for w in live) and (workers or celery):
+            problems.append(f"{count} job(s) QUEUED on queue {queue!r}, which no live worker takes")
+    if live:
+        notes.append(f"{len(live)} live worker(s)")
+    elif not celery:
+        notes.append("no live worker")
     backlog = "?" if queued is None else str(queued)
-    if context.queue_probe is None:
-        settings = context.settings.queue
-        where = "Celery workers" if settings.backend == "celery" else "another process"
-        return Check(ok=True, detail=f"{backlog} queued; jobs run in {where}")
-    alive, expected = context.queue_probe()
-    detail = f"{alive}/{expected} local workers alive, {backlog} queued"
-    return Check(ok=alive >= expected, detail=detail)
+    notes.append(f"{backlog} queued")
+    return Check(ok=not problems, detail="; ".join(problems + notes)), live
 
 
 def readiness(context: ApiContext) -> Readiness:
     """Run every readiness check."""
     database, queued, oldest = _database(context)
+    queue, workers = _queue(context, queued)
     checks = {
         "database": database,
         "spool": _spool(context),
         "models": _models(context),
-        "queue": _queue(context, queued),
+        "queue": queue,
     }
     return Readiness(
         ready=all(check.ok for check in checks.values()),
         checks=checks,
         queued_jobs=queued,
         oldest_queued_at=oldest,
+        workers=[
+            WorkerState(
+                id=w.id,
+                host=w.host,
+                pid=w.pid,
+                backend=w.backend,
+                device=w.device,
+                queues=list(w.queues),
+                concurrency=w.concurrency,
+                models=w.models,
+                heartbeat_at=w.heartbeat_at,
+            )
+            for w in workers
+        ],
     )
 
 

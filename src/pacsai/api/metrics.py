@@ -11,6 +11,9 @@ aggregate queries per scrape. Open when ``api.open_metrics`` is true, otherwise 
 - ``pacsai_job_stage_seconds{stage}`` (histogram): finished jobs' per-stage timings;
 - ``pacsai_job_duration_seconds`` (histogram): finished jobs, start to finish;
 - ``pacsai_deliveries{status}``: deliveries by state;
+- ``pacsai_worker_heartbeat_age_seconds{worker,device}``, ``pacsai_worker_models_warm{worker}``:
+  each running worker (workers table): seconds since its last heartbeat (alert when it exceeds
+  ``queue.lease_seconds``: its jobs are then taken back), and how many models it has warm;
 - ``pacsai_gpu_memory_allocated_bytes{device}``, ``pacsai_gpu_memory_reserved_bytes{device}``:
   this process's GPU memory, when PyTorch is imported and has CUDA in use;
 - ``pacsai_database_up``: 1 when the queries answered; ``pacsai_info{version}``.
@@ -52,7 +55,9 @@ from pacsai.db import (
     JobStatus,
     Study,
     StudyStatus,
+    utcnow,
 )
+from pacsai.db.workers import list_workers
 from pacsai.errors import DatabaseError
 
 __all__ = ["BUCKETS", "DatabaseCollector", "metrics_router", "new_registry"]
@@ -157,6 +162,26 @@ class DatabaseCollector(Collector):
             ),
             [s.value for s in DeliveryStatus],
         )
+        yield from _workers(session)
+
+
+def _workers(session: Session) -> Iterator[Metric]:
+    now = utcnow()
+    age = GaugeMetricFamily(
+        "pacsai_worker_heartbeat_age_seconds",
+        "Seconds since each running worker's last heartbeat",
+        labels=["worker", "device"],
+    )
+    warm = GaugeMetricFamily(
+        "pacsai_worker_models_warm",
+        "Models loaded and warm on each running worker",
+        labels=["worker"],
+    )
+    for worker in list_workers(session=session):
+        age.add_metric([worker.id, worker.device], (now - worker.heartbeat_at).total_seconds())
+        warm.add_metric([worker.id], float(sum(s == "warm" for s in worker.models.values())))
+    yield age
+    yield warm
 
 
 def _by_label(family: Any, rows: Iterable[Any], known: list[str]) -> Any:

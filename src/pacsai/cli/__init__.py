@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pacsai.cli import audit, db, demo, jobs, models, network, retrieve, serve, tokens
+from pacsai.cli import audit, db, demo, jobs, models, network, retrieve, serve, tokens, worker
 from pacsai.cli._common import main
 
 __all__ = ["main"]
 
-_COMMAND_MODULES = (audit, db, demo, jobs, models, network, retrieve, serve, tokens)
+_COMMAND_MODULES = (audit, db, demo, jobs, models, network, retrieve, serve, tokens, worker)

@@ -1,11 +1,13 @@
-"""`pacsai serve` (the whole node) and `pacsai api` (the HTTP API alone)."""
+"""`pacsai serve` (the whole node, or one role of it) and `pacsai api` (the HTTP API alone)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import click
 
 from pacsai import __version__
 from pacsai.cli._common import config_option, friendly, load, main, open_database, wait_for_signal
@@ -13,16 +15,24 @@ from pacsai.cli._common import config_option, friendly, load, main, open_databas
 
 @main.command()
 @config_option
+@click.option(
+    "--role",
+    type=click.Choice(["all", "receiver", "api"]),
+    default="all",
+    show_default=True,
+    help="all: receiver, API and (local backend) a worker process; receiver: receive studies "
+    "and queue jobs; api: the HTTP API. Jobs also run in `pacsai worker` processes.",
+)
 @friendly
-def serve(config_path: Path | None) -> None:
-    """Receive studies and run everything in one process until SIGTERM or Ctrl-C."""
+def serve(config_path: Path | None, role: str) -> None:
+    """Receive studies and run the node until SIGTERM or Ctrl-C."""
     from pacsai.logs import setup_logging
-    from pacsai.service import Node, configure_libraries
+    from pacsai.service import Node, Role, configure_libraries
 
     settings = load(config_path)
     setup_logging(settings.logging)
     configure_libraries()
-    node = Node(settings)
+    node = Node(settings, role=cast(Role, role))
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

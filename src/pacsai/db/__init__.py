@@ -14,12 +14,14 @@ from pacsai.db.audit import (
 from pacsai.db.engine import Database
 from pacsai.db.migrate import current_revision, head_revision, upgrade
 from pacsai.db.models import (
+    DEFAULT_QUEUE,
     ApiToken,
     Association,
     AssociationOutcome,
     AuditEvent,
     Base,
     ConsoleSession,
+    DeliveredObject,
     Delivery,
     DeliveryStatus,
     Instance,
@@ -32,10 +34,12 @@ from pacsai.db.models import (
     Study,
     StudyStatus,
     TokenRole,
+    Worker,
     utcnow,
 )
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "ApiToken",
     "Association",
     "AssociationOutcome",
@@ -48,6 +52,7 @@ __all__ = [
     "ChainReport",
     "ConsoleSession",
     "Database",
+    "DeliveredObject",
     "Delivery",
     "DeliveryStatus",
     "Instance",
@@ -60,6 +65,7 @@ __all__ = [
     "Study",
     "StudyStatus",
     "TokenRole",
+    "Worker",
     "append_event",
     "current_revision",
     "head_revision",

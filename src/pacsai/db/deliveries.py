@@ -1,8 +1,12 @@
 """Repository functions for result objects and their deliveries (durable, retried, leased).
 
 States (DESIGN.md): PENDING -> SENT, or RETRYING with backoff -> FAILED after the last attempt.
-A worker leases a due delivery (``claimed_until``) while it sends, so that workers in several
-threads or processes never send it twice, and a crashed worker's lease simply runs out.
+A worker leases a due delivery (``lease_owner``, ``claimed_until``) while it sends and renews
+the lease, so that workers in several threads or processes never send it twice. Each object the
+destination acknowledges is committed at once (:func:`acknowledge_objects`), so that after a
+lost worker only the objects not acknowledged go again. A lost worker's lease runs out, or its
+own node takes it back at start-up; the owner stays recorded, which tells the next attempt that
+one object may have reached the destination unacknowledged (:attr:`DeliveryClaim.interrupted`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,31 @@ from pathlib import Path
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from pacsai.db.models import Delivery, DeliveryStatus, Instance, Job, Result, ResultObject, Study
+from pacsai.db.models import (
+    DeliveredObject,
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Job,
+    Result,
+    ResultObject,
+    Study,
+)
+from pacsai.errors import LeaseLostError
 
 __all__ = [
+    "DeliveryClaim",
     "DeliveryContext",
+    "DeliveryObject",
+    "acknowledge_objects",
     "add_objects",
     "backoff_seconds",
     "claim_delivery",
     "delivery_context",
     "queue_deliveries",
     "record_attempt",
+    "release_lost_deliveries",
+    "renew_delivery_leases",
     "retry_failed_deliveries",
 ]
 
@@ -64,8 +83,8 @@ def queue_deliveries(
     """Create one PENDING delivery per (destination, object kinds) for ``result_id``.
 
     Unless ``resend``, a destination that already received exactly these objects (the same SOP
-    Instance UIDs, from an earlier run of the same job) gets no new delivery: a re-run never sends
-    the same result twice.
+    Instance UIDs, from an earlier run of the same job), or has a delivery of them pending, gets
+    no new delivery: a re-run, or a run after a lost worker, never sends the same result twice.
     """
     ids = []
     for destination, kinds in targets:
@@ -78,7 +97,7 @@ def queue_deliveries(
         )
         if not uids:
             continue
-        if not resend and _already_sent(session, destination, uids, result_id):
+        if not resend and _already_covered(session, destination, uids, result_id):
             continue
         delivery = Delivery(
             result_id=result_id,
@@ -95,13 +114,14 @@ def queue_deliveries(
     return ids
 
 
-def _already_sent(session: Session, destination: str, uids: set[str], result_id: int) -> bool:
+def _already_covered(session: Session, destination: str, uids: set[str], result_id: int) -> bool:
+    """Whether another delivery to ``destination``, sent or still to be sent, carries ``uids``."""
     sent = session.execute(
         select(Delivery.id, ResultObject.sop_instance_uid)
         .join(ResultObject, ResultObject.result_id == Delivery.result_id)
         .where(
             Delivery.destination == destination,
-            Delivery.status == DeliveryStatus.SENT,
+            Delivery.status != DeliveryStatus.FAILED,
             Delivery.result_id != result_id,
             ResultObject.sop_instance_uid.in_(uids),
         )
@@ -112,24 +132,143 @@ def _already_sent(session: Session, destination: str, uids: set[str], result_id:
     return any(found == uids for found in by_delivery.values())
 
 
-def claim_delivery(*, session: Session, now: datetime, lease_seconds: float) -> int | None:
-    """Lease the most overdue delivery that is due; its id, or ``None``."""
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """A delivery leased to a worker.
+
+    ``interrupted``: the previous attempt's worker was lost while sending, so an object may
+    have reached the destination without its acknowledgement being recorded.
+    """
+
+    delivery_id: int
+    owner: str
+    interrupted: bool
+
+
+def claim_delivery(
+    *, session: Session, now: datetime, lease_seconds: float, owner: str = "anonymous"
+) -> DeliveryClaim | None:
+    """Lease the most overdue delivery that is due to ``owner``; ``None`` if none is due."""
     due = and_(
         Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.RETRYING)),
         Delivery.next_attempt_at <= now,
         or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
     )
-    for (candidate,) in session.execute(
-        select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(5)
+    for candidate, previous in session.execute(
+        select(Delivery.id, Delivery.lease_owner)
+        .where(due)
+        .order_by(Delivery.next_attempt_at)
+        .limit(5)
     ).all():
         claimed = session.execute(
             update(Delivery)
             .where(Delivery.id == candidate, due)
-            .values(claimed_until=now + timedelta(seconds=lease_seconds))
+            .values(claimed_until=now + timedelta(seconds=lease_seconds), lease_owner=owner)
         )
         if claimed.rowcount == 1:  # type: ignore[attr-defined]
-            return int(candidate)
+            return DeliveryClaim(int(candidate), owner, interrupted=previous is not None)
     return None
+
+
+def renew_delivery_leases(
+    *,
+    session: Session,
+    owner: str,
+    delivery_ids: Sequence[int],
+    now: datetime,
+    lease_seconds: float,
+) -> int:
+    """Extend the leases ``owner`` holds on these deliveries; how many it still held."""
+    if not delivery_ids:
+        return 0
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(delivery_ids)),
+            Delivery.lease_owner == owner,
+            Delivery.claimed_until.is_not(None),
+        )
+        .values(claimed_until=now + timedelta(seconds=lease_seconds))
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_lost_deliveries(
+    *, session: Session, owners: Sequence[str], delivery_id: int | None = None
+) -> int:
+    """End the leases of workers known to be gone (or one lease a worker gives up), so that
+    their deliveries are due at once.
+
+    The owner is kept: the next attempt then knows it was interrupted.
+    """
+    query = update(Delivery).where(
+        Delivery.lease_owner.in_(list(owners)), Delivery.claimed_until.is_not(None)
+    )
+    if delivery_id is not None:
+        query = query.where(Delivery.id == delivery_id)
+    result = session.execute(query.values(claimed_until=None))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _hold_delivery(session: Session, delivery_id: int, owner: str) -> Delivery:
+    delivery = session.get(Delivery, delivery_id, with_for_update=True)
+    if delivery is None or delivery.lease_owner != owner or delivery.claimed_until is None:
+        raise LeaseLostError(
+            f"delivery {delivery_id}: {owner} lost its lease (another worker may be sending it)"
+        )
+    return delivery
+
+
+def acknowledge_objects(
+    *,
+    session: Session,
+    delivery_id: int,
+    owner: str,
+    objects: Sequence[tuple[int, str]],
+    confirmed_by: str,
+    now: datetime,
+) -> None:
+    """Record that the destination has these objects: (result object id, SOP Instance UID).
+
+    Raises
+    ------
+    LeaseLostError
+        If ``owner`` no longer holds the delivery (nothing is recorded).
+    """
+    _hold_delivery(session, delivery_id, owner)
+    known = set(
+        session.scalars(
+            select(DeliveredObject.result_object_id).where(
+                DeliveredObject.delivery_id == delivery_id
+            )
+        )
+    )
+    for object_id, uid in objects:
+        if object_id in known:
+            continue
+        session.add(
+            DeliveredObject(
+                delivery_id=delivery_id,
+                result_object_id=object_id,
+                sop_instance_uid=uid,
+                confirmed_by=confirmed_by,
+                acknowledged_at=now,
+            )
+        )
+        known.add(object_id)
+    session.flush()
+
+
+@dataclass(frozen=True)
+class DeliveryObject:
+    """One object of a delivery, and whether the destination has acknowledged it already."""
+
+    result_object_id: int
+    path: Path  # relative to storage.results_dir
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    acknowledged: bool
 
 
 @dataclass(frozen=True)
@@ -147,6 +286,12 @@ class DeliveryContext:
     sender_host: str | None
     model_name: str
     model_version: str  # bundle version + the first 12 hex digits of the weights' SHA-256
+    objects: tuple[DeliveryObject, ...] = ()
+
+    @property
+    def pending(self) -> tuple[DeliveryObject, ...]:
+        """The objects the destination has not acknowledged yet."""
+        return tuple(o for o in self.objects if not o.acknowledged)
 
 
 def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
@@ -160,11 +305,29 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
     study = session.get(Study, job.study_id)
     assert study is not None
     kinds = delivery.kinds.split(",")
-    files = session.scalars(
-        select(ResultObject.path)
+    rows = session.scalars(
+        select(ResultObject)
         .where(ResultObject.result_id == result.id, ResultObject.kind.in_(kinds))
         .order_by(ResultObject.id)
     ).all()
+    acknowledged = set(
+        session.scalars(
+            select(DeliveredObject.result_object_id).where(
+                DeliveredObject.delivery_id == delivery.id
+            )
+        )
+    )
+    objects = tuple(
+        DeliveryObject(
+            result_object_id=row.id,
+            path=Path(row.path),
+            sop_class_uid=row.sop_class_uid,
+            sop_instance_uid=row.sop_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            acknowledged=row.id in acknowledged,
+        )
+        for row in rows
+    )
     sender_host = session.scalars(
         select(Instance.remote_address)
         .where(Instance.study_id == study.id)
@@ -174,7 +337,7 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
     return DeliveryContext(
         delivery_id=delivery.id,
         destination=delivery.destination,
-        files=tuple(Path(f) for f in files),
+        files=tuple(o.path for o in objects),
         attempts=delivery.attempts,
         job_id=job.id,
         study_instance_uid=study.study_instance_uid,
@@ -183,6 +346,7 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
         sender_host=sender_host,
         model_name=result.model_name,
         model_version=f"{result.model_version}+{result.weights_sha256[:12]}",
+        objects=objects,
     )
 
 
@@ -202,15 +366,26 @@ def record_attempt(
     backoff: float = 0.0,
     seconds: float | None = None,
     seg_type: str | None = None,
+    owner: str | None = None,
 ) -> DeliveryStatus:
     """Record one attempt's outcome and release the lease; the new status.
 
     ``seg_type``: of a successful attempt, the SEG type the destination received.
+
+    Raises
+    ------
+    LeaseLostError
+        If ``owner`` is given and no longer holds the delivery (nothing is recorded).
     """
-    delivery = session.get(Delivery, delivery_id)
-    assert delivery is not None
+    if owner is not None:
+        delivery = _hold_delivery(session, delivery_id, owner)
+    else:
+        found = session.get(Delivery, delivery_id)
+        assert found is not None
+        delivery = found
     delivery.attempts += 1
     delivery.claimed_until = None
+    delivery.lease_owner = None
     if error is None:
         delivery.status = DeliveryStatus.SENT
         delivery.sent_at = now
@@ -237,6 +412,12 @@ def retry_failed_deliveries(
             Delivery.result_id.in_(select(Result.id).where(Result.job_id.in_(job_ids)))
         )
     result = session.execute(
-        query.values(status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=now)
+        query.values(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            claimed_until=None,
+            lease_owner=None,
+        )
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -29,12 +29,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "ApiToken",
     "Association",
     "AssociationOutcome",
     "AuditEvent",
     "Base",
     "ConsoleSession",
+    "DeliveredObject",
     "Delivery",
     "DeliveryStatus",
     "ExpectationState",
@@ -50,10 +52,12 @@ __all__ = [
     "StudyStatus",
     "TokenRole",
     "UTCDateTime",
+    "Worker",
     "utcnow",
 ]
 
 UID = String(64)
+DEFAULT_QUEUE = "default"  # the queue of jobs whose routes are not pinned to another
 
 
 def utcnow() -> datetime:
@@ -250,6 +254,15 @@ class Job(Base):
     # and/or derive new UIDs for the objects (a salt mixed into result_uid).
     resend: Mapped[bool] = mapped_column(Boolean, default=False)
     uid_salt: Mapped[str | None] = mapped_column(String(64))
+    # Which workers take it (`queue:` of a route), and which routes it runs (JSON list; null:
+    # every route that fires). A job's routes pinned to another queue become a job of their own.
+    queue: Mapped[str] = mapped_column(String(64), default=DEFAULT_QUEUE)
+    routes: Mapped[str | None] = mapped_column(Text)
+    # The lease of a RUNNING job: the worker holding it renews lease_until; once it has passed,
+    # the worker is taken for lost and the job runs again (or ends FAILED after max_attempts).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None]
+    published_at: Mapped[datetime | None]  # last handed to the broker (celery backend)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
@@ -321,6 +334,9 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]
     claimed_until: Mapped[datetime | None]
+    # The worker holding the lease; still set when a worker was lost while sending, which makes
+    # the next attempt check the objects that may have arrived before sending them again.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float | None] = mapped_column(Float)  # of the successful attempt
     # The SEG type the destination received, negotiated when sent: LABELMAP where it accepts
@@ -330,6 +346,50 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None]
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
+    acknowledged: Mapped[list[DeliveredObject]] = relationship(
+        back_populates="delivery", order_by="DeliveredObject.id"
+    )
+
+
+class DeliveredObject(Base):
+    """One object of a delivery that the destination has: committed right after its C-STORE
+    succeeded, or after a query (C-FIND, QIDO-RS) found it there following a lost worker."""
+
+    __tablename__ = "delivered_objects"
+    __table_args__ = (UniqueConstraint("delivery_id", "result_object_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"))
+    result_object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    confirmed_by: Mapped[str] = mapped_column(String(16))  # C-STORE | STOW-RS | C-FIND | QIDO-RS
+    acknowledged_at: Mapped[datetime]
+
+    delivery: Mapped[Delivery] = relationship(back_populates="acknowledged")
+
+
+class Worker(Base):
+    """A process that runs jobs and deliveries, as it last reported itself (its heartbeat).
+
+    ``id`` is stable across restarts on one node (``<node id>/<name>``), so that a restarted
+    worker takes back what its predecessor held instead of waiting for the leases to run out.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(16))  # local | celery
+    device: Mapped[str] = mapped_column(String(32))
+    queues: Mapped[str] = mapped_column(Text)  # comma-separated; "*": every queue
+    concurrency: Mapped[int] = mapped_column(Integer)
+    models: Mapped[str] = mapped_column(Text)  # JSON: model name -> "warm" | "loading" | error
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
 
 
 class AuditEvent(Base):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pacsai._atomic import write_atomically
 from pacsai.config import Route, Settings
 from pacsai.db import (
+    DEFAULT_QUEUE,
     AuditAction,
     AuditEventId,
     AuditOutcome,
@@ -33,12 +34,28 @@ from pacsai.db import (
     utcnow,
 )
 from pacsai.db.deliveries import add_objects, queue_deliveries
-from pacsai.db.jobs import JobContext, add_result, finish_job, job_context
-from pacsai.errors import InferenceError, ModelError, ReportError, UnusableSeriesError
+from pacsai.db.jobs import (
+    JobContext,
+    JobLease,
+    add_result,
+    claim_job,
+    finish_job,
+    hold_job,
+    job_context,
+    queue_job,
+)
+from pacsai.errors import (
+    InferenceError,
+    LeaseLostError,
+    ModelError,
+    ReportError,
+    UnusableSeriesError,
+)
 from pacsai.inference.labels import label_voxel_counts
 from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import PlannedRun, plan_study, read_study, routes_for
 from pacsai.inference.volume import Volume, load_datasets, read_series
+from pacsai.storage import FileStore, SharedDirectory
 
 if TYPE_CHECKING:
     from pacsai.inference.model import LoadedModel, ModelOutput
@@ -59,44 +76,119 @@ class JobOutcome:
 
 
 class JobRunner:
-    """Runs claimed jobs for one node; safe to call from several threads."""
+    """Runs claimed jobs for one worker; safe to call from several threads.
 
-    def __init__(self, settings: Settings, database: Database, registry: ModelRegistry) -> None:
+    Parameters
+    ----------
+    owner
+        The worker's id, the owner of the leases it takes.
+    serves
+        Whether this worker takes jobs of a queue: a route pinned to a queue it does not serve
+        becomes a job of its own on that queue.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        registry: ModelRegistry,
+        *,
+        owner: str = "local",
+        serves: Callable[[str], bool] = lambda queue: True,
+    ) -> None:
         self.settings = settings
         self.database = database
         self.registry = registry
-        self.spool_dir = settings.storage.spool_dir
+        self.owner = owner
+        self.serves = serves
+        self.spool: FileStore = SharedDirectory(settings.storage.spool_dir)
+        self.results: FileStore = SharedDirectory(settings.storage.results_dir)
         self.results_dir = settings.storage.results_dir
         self.on_delivery_queued: Callable[[], None] | None = None
+        self.on_jobs_queued: Callable[[Sequence[int]], None] | None = None
 
     @property
     def routes(self) -> list[Route]:
         """The configured routes, or one per available bundle when none are configured."""
         return routes_for(self.settings, lambda: self.registry.bundles)
 
-    def run(self, job_id: int) -> JobOutcome:
-        """Run a job that was claimed (RUNNING) and record its end; never raises for the study."""
+    def claim(
+        self, *, queues: Sequence[str] | None = None, job_id: int | None = None
+    ) -> JobLease | None:
+        """Take a QUEUED job (the oldest of ``queues``, or ``job_id``) under this worker's lease
+        and audit the attempt (110100); ``None`` if there is none to take."""
+        with self.database.transaction() as session:
+            lease = claim_job(
+                session=session,
+                now=utcnow(),
+                owner=self.owner,
+                lease_seconds=self.settings.queue.lease_seconds,
+                queues=queues,
+                job_id=job_id,
+            )
+            if lease is None:
+                return None
+            context = job_context(session=session, job_id=lease.job_id)
+            append_event(
+                session=session,
+                event_id=AuditEventId.APPLICATION_ACTIVITY,
+                action=AuditAction.EXECUTE,
+                outcome=AuditOutcome.SUCCESS,
+                actor=self.settings.node.ae_title,
+                study_instance_uid=context.study_instance_uid,
+                patient_id=context.patient_id,
+                detail={
+                    "activity": "job attempt started",
+                    "job_id": lease.job_id,
+                    "attempt": lease.attempt,
+                    "worker": self.owner,
+                },
+            )
+        log.info(
+            "job %d: attempt %d started on %s",
+            lease.job_id,
+            lease.attempt,
+            self.owner,
+            extra={"action": "job_started", "job_id": lease.job_id, "attempt": lease.attempt},
+        )
+        return lease
+
+    def run(self, lease: JobLease) -> JobOutcome | None:
+        """Run a claimed job and record its end; never raises for the study.
+
+        Every write is fenced by ``lease``: if the worker lost it (it was taken for lost and
+        the job may run elsewhere), nothing more is recorded and ``None`` is returned.
+        """
+        job_id = lease.job_id
         with self.database.reading() as session:
             context = job_context(session=session, job_id=job_id)
         outcome = JobOutcome(JobStatus.FAILED)
         try:
-            outcome = self._run(context)
+            outcome = self._run(context, lease)
+        except LeaseLostError as exc:
+            log.warning("%s; its results are dropped", exc)
+            return None
         except InferenceError as exc:
             outcome.reason = str(exc)
         except Exception as exc:
             log.exception("job %d failed unexpectedly", job_id)
             outcome.reason = f"internal error: {type(exc).__name__}: {exc}"
-        with self.database.transaction() as session:
-            finish_job(
-                session=session,
-                job_id=job_id,
-                status=outcome.status,
-                now=utcnow(),
-                reason=outcome.reason,
-                timings=outcome.timings,
-            )
-            if outcome.status != JobStatus.SUCCEEDED:
-                self._audit(session, context, outcome)
+        try:
+            with self.database.transaction() as session:
+                finish_job(
+                    session=session,
+                    job_id=job_id,
+                    status=outcome.status,
+                    now=utcnow(),
+                    reason=outcome.reason,
+                    timings=outcome.timings,
+                    lease=lease,
+                )
+                if outcome.status != JobStatus.SUCCEEDED:
+                    self._audit(session, context, outcome)
+        except LeaseLostError as exc:
+            log.warning("%s; its end is not recorded", exc)
+            return None
         log.info(
             "job %d %s%s",
             job_id,
@@ -106,39 +198,90 @@ class JobRunner:
         )
         return outcome
 
-    def _run(self, context: JobContext) -> JobOutcome:
+    def _run(self, context: JobContext, lease: JobLease) -> JobOutcome:
         outcome = JobOutcome(JobStatus.SUCCEEDED)
         timings = outcome.timings
         with _timed(timings, "route"):
-            paths = [self.spool_dir / p for p in context.paths]
+            paths = [self.spool.local_path(p.as_posix()) for p in context.paths]
             try:
                 study = read_study(context.study_instance_uid, paths, context.calling_ae_title)
             except FileNotFoundError as exc:
                 raise InferenceError(f"{exc}: were the spool files removed?") from exc
-            plan = plan_study(study, self.routes)
+            routes = self.routes
+            if context.routes is not None:
+                routes = [route for route in routes if route.name in context.routes]
+            plan = plan_study(study, routes)
+        handed = self._hand_over(context, lease, plan.runs)
+        runs = [run for run in plan.runs if not any(run is other for other, _, _ in handed)]
         if not plan.runs:
             outcome.status, outcome.reason = JobStatus.SKIPPED, plan.skip_reason
             return outcome
         unusable: list[str] = []
         errors: list[str] = []
-        for index, run in enumerate(plan.runs):
+        for index, run in enumerate(runs):
             try:
-                outcome.result_ids.append(self._run_one(context, index, run, timings))
+                outcome.result_ids.append(self._run_one(context, lease, index, run, timings))
             except UnusableSeriesError as exc:
                 unusable.append(f"route {run.route.name!r}: {_short(exc)}")
             except (ModelError, ReportError) as exc:  # the other routes still run
                 errors.append(f"route {run.route.name!r}: {_short(exc)}")
         notes = plan.reasons + unusable + errors
         if outcome.result_ids:
-            outcome.reason = "; ".join(unusable + errors) or None
+            outcome.reason = "; ".join(unusable + errors + handed_notes(handed)) or None
         elif errors:
             outcome.status, outcome.reason = JobStatus.FAILED, "; ".join(errors + unusable)
+        elif handed and not runs:
+            outcome.reason = "; ".join(handed_notes(handed))
         else:
             outcome.status, outcome.reason = JobStatus.SKIPPED, "; ".join(notes)
         return outcome
 
+    def _hand_over(
+        self, context: JobContext, lease: JobLease, runs: list[PlannedRun]
+    ) -> list[tuple[PlannedRun, str, int]]:
+        """Queue the runs whose route is pinned to a queue this worker does not serve as jobs
+        of their own on that queue; (run, queue, job id) for each."""
+        elsewhere: dict[str, list[PlannedRun]] = {}
+        for run in runs:
+            queue = run.route.queue or DEFAULT_QUEUE
+            if queue != context.queue and not self.serves(queue):
+                elsewhere.setdefault(queue, []).append(run)
+        if not elsewhere:
+            return []
+        handed: list[tuple[PlannedRun, str, int]] = []
+        with self.database.transaction() as session:
+            hold_job(session=session, lease=lease)
+            for queue, pinned in elsewhere.items():
+                names = sorted({run.route.name for run in pinned})
+                job = queue_job(
+                    session=session,
+                    study_id=context.study_id,
+                    instance_count=len(context.paths),
+                    now=utcnow(),
+                    queue=queue,
+                    routes=names,
+                    resend=context.resend,
+                    uid_salt=context.uid_salt or None,
+                )
+                handed.extend((run, queue, job.id) for run in pinned)
+        new_jobs = sorted({job_id for _, _, job_id in handed})
+        log.info(
+            "job %d: routes pinned to other queues handed over as jobs %s",
+            context.job_id,
+            ", ".join(map(str, new_jobs)),
+            extra={"action": "job_handed_over", "job_id": context.job_id},
+        )
+        if self.on_jobs_queued is not None:
+            self.on_jobs_queued(new_jobs)
+        return handed
+
     def _run_one(
-        self, context: JobContext, index: int, run: PlannedRun, timings: dict[str, float]
+        self,
+        context: JobContext,
+        lease: JobLease,
+        index: int,
+        run: PlannedRun,
+        timings: dict[str, float],
     ) -> int:
         with _timed(timings, "load_model"):
             model = self.registry.load(run.route.model)
@@ -163,9 +306,14 @@ class JobRunner:
             relative = Path(f"job-{context.job_id}") / f"{index:02d}-{run.route.name}.npz"
             summary = summarise(output.label_map, output.probabilities, volume, bundle.labels)
             _save_output(
-                self.results_dir / relative, volume, output.label_map, output.probabilities
+                self.results.local_path(relative.as_posix()),
+                volume,
+                output.label_map,
+                output.probabilities,
             )
+            self.results.stored(relative.as_posix())
             with self.database.transaction() as session:
+                hold_job(session=session, lease=lease)
                 result = add_result(
                     session=session,
                     job_id=context.job_id,
@@ -206,13 +354,14 @@ class JobRunner:
         if run.route.outputs:
             with _timed(timings, "report"):
                 self._report(
-                    context, run, result_id, relative.parent, sources, volume, model, output
+                    context, lease, run, result_id, relative.parent, sources, volume, model, output
                 )
         return result_id
 
     def _report(
         self,
         context: JobContext,
+        lease: JobLease,
         run: PlannedRun,
         result_id: int,
         folder: Path,
@@ -250,6 +399,7 @@ class JobRunner:
                 kinds.append("OVERLAY")
             targets.append((name, kinds))
         with self.database.transaction() as session:
+            hold_job(session=session, lease=lease)
             add_objects(
                 session=session,
                 result_id=result_id,
@@ -331,6 +481,14 @@ def _by_input(run: PlannedRun, bundle: Any) -> list[Any]:
     ordered = [given[name] for name in wanted]
     # The route's first channel is the grid the others are resampled onto.
     return [given[first]] + [s for name, s in zip(wanted, ordered, strict=True) if name != first]
+
+
+def handed_notes(handed: list[tuple[PlannedRun, str, int]]) -> list[str]:
+    """One note per route handed to another queue."""
+    return [
+        f"route {run.route.name!r} runs on queue {queue!r} as job {job_id}"
+        for run, queue, job_id in handed
+    ]
 
 
 def _short(error: Exception, limit: int = 800) -> str:

@@ -213,6 +213,7 @@ def retry_job(
         if again or job.status in (JobStatus.FAILED, JobStatus.SKIPPED):
             job.status = JobStatus.QUEUED
             job.reason = None
+            job.published_at = None  # a broker backend publishes it again
             job.resend = flags.resend or flags.new_uids
             job.uid_salt = f"retry-{now.isoformat()}" if flags.new_uids else job.uid_salt
             message = "queued again" + (f", {pending} failed deliveries pending" if pending else "")

@@ -36,7 +36,7 @@ import httpx
 
 from pacsai.config import EmailDestination, WebhookDestination
 from pacsai.reporting.delivery import DeliveryFailure
-from pacsai.reporting.delivery import _tls_context as tls_context
+from pacsai.reporting.delivery import tls_context as tls_context
 from pacsai.reporting.study_result import Finding, StudyResult
 
 __all__ = [

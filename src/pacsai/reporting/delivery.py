@@ -25,7 +25,7 @@ from __future__ import annotations
 import ssl
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,7 +46,14 @@ from pacsai.reporting.transfer import (
 from pacsai.reporting.variants import binary_variant
 from pacsai.scu import NoAcceptedContextError, Target, open_association, store_file
 
-__all__ = ["DeliveryFailure", "DeliveryReceipt", "Peer", "SentObject", "send"]
+__all__ = [
+    "DeliveryFailure",
+    "DeliveryReceipt",
+    "Peer",
+    "SentObject",
+    "send",
+    "tls_context",
+]
 
 
 class DeliveryFailure(DeliveryError):
@@ -145,8 +152,22 @@ class _Object:
         )
 
 
-def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> DeliveryReceipt:
+OnStored = Callable[["SentObject"], None]
+
+
+def send(
+    peer: Peer,
+    files: Sequence[Path],
+    *,
+    calling_ae_title: str,
+    on_stored: OnStored | None = None,
+) -> DeliveryReceipt:
     """Send ``files`` to ``peer``; return normally only if every object was accepted.
+
+    ``on_stored`` is called with each object as soon as the peer has accepted it (after its
+    C-STORE response; after the STOW-RS response of its request), before the next is sent: an
+    exception it raises stops the delivery there. Its ``path`` is the file of ``files`` it was
+    sent for, its ``sop_instance_uid`` what the peer holds (the BINARY form's, when sent so).
 
     Returns
     -------
@@ -162,8 +183,8 @@ def send(peer: Peer, files: Sequence[Path], *, calling_ae_title: str) -> Deliver
     """
     objects = [_inspect(path, peer) for path in files]
     if peer.destination.stow_url:
-        return _stow(peer, objects)
-    return _c_store(peer, objects, calling_ae_title)
+        return _stow(peer, objects, on_stored)
+    return _c_store(peer, objects, calling_ae_title, on_stored)
 
 
 def _inspect(path: Path, peer: Peer) -> _Object:
@@ -232,7 +253,12 @@ def _contexts(objects: Sequence[_Object]) -> list[tuple[str, str]]:
     return sorted(contexts)
 
 
-def _c_store(peer: Peer, objects: Sequence[_Object], calling_ae_title: str) -> DeliveryReceipt:
+def _c_store(
+    peer: Peer,
+    objects: Sequence[_Object],
+    calling_ae_title: str,
+    on_stored: OnStored | None = None,
+) -> DeliveryReceipt:
     destination = peer.destination
     if peer.host is None or peer.ae_title is None or destination.port is None:
         raise DeliveryFailure(f"{peer.name}: no host or AE title to send to", permanent=True)
@@ -255,7 +281,7 @@ def _c_store(peer: Peer, objects: Sequence[_Object], calling_ae_title: str) -> D
                 _contexts(offered),
                 calling_ae_title=calling_ae_title,
                 timeout=destination.timeout_seconds,
-                tls=_tls_context(destination.tls),
+                tls=tls_context(destination.tls),
             ) as assoc,
             tempfile.TemporaryDirectory(prefix="pacsai-send-") as temp,
         ):
@@ -295,6 +321,8 @@ def _c_store(peer: Peer, objects: Sequence[_Object], calling_ae_title: str) -> D
                 outcome, detail, ok = store_file(assoc, path)
                 if ok:
                     sent.append(o.receipt(syntax))
+                    if on_stored is not None:
+                        on_stored(sent[-1])
                 else:
                     failures.append((o.sent, f"{outcome}: {detail}" if detail else outcome))
     except NoAcceptedContextError as exc:
@@ -324,7 +352,7 @@ def _seg_type(sent: Sequence[SentObject]) -> str | None:
     return next((kind for kind in ("LABELMAP", "BINARY") if kind in types), None)
 
 
-def _tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
+def tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
     if not settings.enabled:
         return None
     try:
@@ -339,7 +367,9 @@ def _tls_context(settings: DestinationTls) -> ssl.SSLContext | None:
     return context
 
 
-def _stow(peer: Peer, objects: Sequence[_Object]) -> DeliveryReceipt:
+def _stow(
+    peer: Peer, objects: Sequence[_Object], on_stored: OnStored | None = None
+) -> DeliveryReceipt:
     """STOW-RS (PS3.18 10.5): the LABELMAP SEGs alone first, so that a server refusing that SOP
     Class can be sent the BINARY form before any SR referring to them; then the rest."""
     labelmaps, _ = _labelmap_result(objects)
@@ -348,15 +378,23 @@ def _stow(peer: Peer, objects: Sequence[_Object]) -> DeliveryReceipt:
     if labelmaps:
         try:
             _post(peer, labelmaps)
-            sent += [o.receipt(o.transfer_syntax_uid) for o in labelmaps]
+            sent += _stored([o.receipt(o.transfer_syntax_uid) for o in labelmaps], on_stored)
             rest = [o for o in objects if o not in labelmaps]
         except DeliveryFailure as exc:
             if not exc.permanent:
                 raise
             rest = _as_binary(objects, peer)
     _post(peer, rest)
-    sent += [o.receipt(o.transfer_syntax_uid) for o in rest]
+    sent += _stored([o.receipt(o.transfer_syntax_uid) for o in rest], on_stored)
     return DeliveryReceipt(_seg_type(sent), tuple(sent))
+
+
+def _stored(objects: list[SentObject], on_stored: OnStored | None) -> list[SentObject]:
+    """``objects``, after telling ``on_stored`` of each (a STOW-RS request was answered)."""
+    if on_stored is not None:
+        for o in objects:
+            on_stored(o)
+    return objects
 
 
 def _post(peer: Peer, objects: Sequence[_Object]) -> None:
@@ -377,7 +415,7 @@ def _post(peer: Peer, objects: Sequence[_Object]) -> None:
         "Accept": "application/dicom+json",
     }
     url = peer.destination.stow_url.rstrip("/") + "/studies"
-    verify: ssl.SSLContext | bool = _tls_context(peer.destination.tls) or True
+    verify: ssl.SSLContext | bool = tls_context(peer.destination.tls) or True
     try:
         response = httpx.post(
             url,

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from pacsai.config import FhirDestination
 from pacsai.reporting.delivery import DeliveryFailure
-from pacsai.reporting.delivery import _tls_context as tls_context
+from pacsai.reporting.delivery import tls_context as tls_context
 from pacsai.reporting.study_result import Finding, StudyResult
 
 __all__ = ["FHIR_VERSION", "build_transaction", "send_transaction"]

@@ -53,7 +53,7 @@ from pacsai.config import Hl7Destination
 from pacsai.errors import DeliveryError
 from pacsai.mllp import exchange
 from pacsai.reporting.delivery import DeliveryFailure
-from pacsai.reporting.delivery import _tls_context as tls_context
+from pacsai.reporting.delivery import tls_context as tls_context
 from pacsai.reporting.study_result import Finding, StudyResult
 
 __all__ = ["Acknowledgement", "build_oru", "send_oru"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pacsai.db import Database, Job, utcnow
 from pacsai.db.repository import complete_expected_studies, complete_quiet_studies
@@ -25,7 +25,8 @@ class StudyCompletionMonitor:
     quiet studies, and queues one job for each.
 
     Safe to run in several processes against one database: completion is a guarded update, so a
-    study completes once.
+    study completes once. ``on_queued`` gets the ids of the jobs queued, once committed (the job
+    queue submits them).
     """
 
     def __init__(
@@ -33,7 +34,7 @@ class StudyCompletionMonitor:
         database: Database,
         *,
         interval: float = 1.0,
-        on_queued: Callable[[], None] | None = None,
+        on_queued: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         self.database = database
         self.interval = interval
@@ -56,7 +57,7 @@ class StudyCompletionMonitor:
                 extra={"action": "job_queued", "job_id": job.id, "study_id": job.study_id},
             )
         if jobs and self.on_queued is not None:
-            self.on_queued()
+            self.on_queued([job.id for job in jobs])
         return jobs
 
     def _loop(self) -> None:
