@@ -8,6 +8,7 @@ environment.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -98,16 +99,37 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)
+    # Connections in any state (before their association too); more are refused at accept.
+    max_connections: int = Field(default=64, ge=1)
+    max_connections_per_host: int = Field(default=8, ge=1)
     max_pdu_size: int = Field(default=1_048_576, ge=0)  # 0: no limit
     require_called_ae_title: bool = True
     study_quiet_seconds: float = Field(default=10.0, gt=0)
     allowed_peers: list[Peer] = Field(default_factory=list)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    receiver_processes: int = Field(default=1, ge=1, le=64)
+    # "auto": one per core the process may use, at most 4; or a number (1: no extra process)
+    receiver_processes: int | Literal["auto"] = Field(default="auto")
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("receiver_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be auto or a number from 1 to 64")
+        return value
+
+    def receiver_process_count(self) -> int:
+        """How many receiver processes share the port (``receiver_processes`` resolved)."""
+        if self.receiver_processes != "auto":
+            return self.receiver_processes
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 4))
 
 
 class StorageSettings(_Section):
@@ -116,6 +138,8 @@ class StorageSettings(_Section):
     spool_dir: Path = Path("./var/spool")
     results_dir: Path = Path("./var/results")
     min_free_mb: int = Field(default=1024, ge=0)
+    # A larger data set is refused (0xA700) and not held in memory beyond this.
+    max_instance_mb: int = Field(default=1024, ge=1)
 
 
 class DatabaseSettings(_Section):

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from pacsai.db import (
 )
 from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError, PacsaiError
-from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
+from pacsai.scp import InstanceStore, Receiver, Spool, SpoolSweep, StudyCompletionMonitor
 
 if TYPE_CHECKING:
     from pacsai.api import ApiServer
@@ -75,12 +76,19 @@ class Node:
             settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
         )
         self.instances = InstanceStore(database=self.database, spool=self.spool)
-        processes = settings.node.receiver_processes
+        processes = settings.node.receiver_process_count()
         self.receiver = Receiver(
             settings.node,
             instances=self.instances,
             reuse_port=processes > 1,
-            max_associations=_share(settings.node.max_associations, processes),
+            share=processes,
+            max_instance_bytes=settings.storage.max_instance_mb * 2**20,
+        )
+        self.sweep = SpoolSweep(
+            self.database,
+            self.spool,
+            actor=settings.node.ae_title,
+            in_flight=self.instances.in_flight,
         )
         self._children: list[BaseProcess] = []
         self.deliveries: DeliveryWorkers | None = None
@@ -150,6 +158,7 @@ class Node:
         self.audit_forwarder = start_forwarding(self.settings, self.database.engine)
         self._audit_activity(AuditEventType.APPLICATION_START)
         self.receiver.start()
+        self.sweep.start()  # at start-up, then hourly
         self._start_children()
         if self.workers is not None:
             self.workers.recover()
@@ -220,9 +229,18 @@ class Node:
         for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
+        stopping = time.monotonic()
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
-        for child in self._children:
-            child.join(self.settings.node.shutdown_grace_seconds + 10)
+        self.sweep.stop()
+        for child in self._children:  # they stop as this process does: within grace + 4 s
+            child.join(
+                max(
+                    0.1,
+                    stopping + self.settings.node.shutdown_grace_seconds + 4.5 - time.monotonic(),
+                )
+            )
+            if child.is_alive():
+                child.kill()
         self.completion.stop()
         if self.workers is not None:
             self.workers.stop()
@@ -236,17 +254,16 @@ class Node:
 
     def _start_children(self) -> None:
         """Extra receiver processes on the same port (SO_REUSEPORT), one per further core."""
-        extra = self.settings.node.receiver_processes - 1
+        extra = self.settings.node.receiver_process_count() - 1
         if extra <= 0:
             return
         context = multiprocessing.get_context("spawn")
         data = self.settings.model_dump(mode="json")
         data["node"]["port"] = self.receiver.port  # the port actually bound, if 0 was asked
-        share = _share(self.settings.node.max_associations, extra + 1)
         for index in range(extra):
             child = context.Process(
                 target=run_receiver_process,
-                args=(data, share, os.getpid()),
+                args=(data, extra + 1, os.getpid()),
                 name=f"pacsai-receiver-{index + 1}",
                 daemon=False,
             )
@@ -254,11 +271,7 @@ class Node:
             self._children.append(child)
 
 
-def _share(total: int, processes: int) -> int:
-    return max(1, -(-total // processes))
-
-
-def run_receiver_process(data: dict[str, Any], max_associations: int, parent_pid: int) -> None:
+def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) -> None:
     """Entry point of an extra receiver process: receive until SIGTERM or the parent is gone.
 
     Study completion, recovery and the audit of start and stop stay with the parent.
@@ -271,13 +284,14 @@ def run_receiver_process(data: dict[str, Any], max_associations: int, parent_pid
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
-    database = Database(settings.database.url, pool_size=max_associations + 2)
+    database = Database(settings.database.url, pool_size=settings.node.max_associations + 2)
     spool = Spool(settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20)
     receiver = Receiver(
         settings.node,
         instances=InstanceStore(database=database, spool=spool),
         reuse_port=True,
-        max_associations=max_associations,
+        share=processes,
+        max_instance_bytes=settings.storage.max_instance_mb * 2**20,
     )
     receiver.start()
     while not stop.wait(1.0):

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacsai.db.audit import AuditAction, AuditEventId, AuditOutcome, append_event
@@ -28,9 +29,10 @@ from pacsai.db.models import (
     Study,
     StudyStatus,
 )
-from pacsai.errors import InvalidInstanceError
+from pacsai.errors import DatabaseError, InvalidInstanceError, PacsaiError
 
 __all__ = [
+    "PendingInstance",
     "ReceivedInstance",
     "RecordResult",
     "StoreOutcome",
@@ -40,6 +42,7 @@ __all__ = [
     "interrupt_open_associations",
     "open_association",
     "record_instance",
+    "record_instances",
 ]
 
 
@@ -77,10 +80,27 @@ class StoreOutcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RecordResult:
-    """The outcome of :func:`record_instance`; ``old_path`` is the file a replacement superseded."""
+    """The outcome of :func:`record_instance`.
+
+    ``old_path`` is the file a replacement superseded: once the transaction has committed, no
+    row points at it any more. For a duplicate it is ``None``: the row still points at the file
+    recorded first, and the file just written is nobody's.
+    """
 
     outcome: StoreOutcome
     old_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInstance:
+    """One instance for :func:`record_instances`: what was received, from whom, and when."""
+
+    item: ReceivedInstance
+    association_id: str | None
+    calling_ae_title: str
+    remote_address: str
+    quiet_seconds: float
+    received_at: datetime
 
 
 def _insert_ignoring_conflict(
@@ -191,8 +211,11 @@ def record_instance(
     """Record a spooled instance, its study and its series; audit a replacement.
 
     A new instance costs four statements: look it up, count it into its study and its series,
-    insert it. When another association inserts the same SOP Instance UID at the same moment, the
-    unique constraint fails the transaction, and the sender is answered with a retryable failure.
+    insert it. The instance's row is locked while this transaction decides (PostgreSQL; SQLite
+    serialises writers anyway), so that concurrent versions of one SOP Instance UID replace
+    each other in turn and each learns exactly which file it superseded. When another process
+    inserts the same new SOP Instance UID at the same moment, the unique constraint fails the
+    statement (:func:`record_instances` tries such an instance again).
 
     Raises
     ------
@@ -200,9 +223,9 @@ def record_instance(
         If the instance's series is already recorded under another study.
     """
     existing = session.execute(
-        select(
-            Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id
-        ).where(Instance.sop_instance_uid == item.sop_instance_uid)
+        select(Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id)
+        .where(Instance.sop_instance_uid == item.sop_instance_uid)
+        .with_for_update()
     ).one_or_none()
     if existing is not None and existing.sha256 == item.sha256:
         return RecordResult(StoreOutcome.DUPLICATE)
@@ -269,6 +292,44 @@ def record_instance(
         },
     )
     return RecordResult(StoreOutcome.REPLACED, old_path=existing.path)
+
+
+def record_instances(
+    *, session: Session, pending: list[PendingInstance]
+) -> list[RecordResult | PacsaiError]:
+    """Record several instances in the caller's transaction (a group commit), each in its own
+    savepoint: one that is refused leaves the others recorded.
+
+    Returns, in order, each instance's result or the error that refused it
+    (:class:`InvalidInstanceError`, or :class:`DatabaseError` for a statement that failed, for
+    example a concurrent insert of the same new SOP Instance UID by another process; the
+    sender may send it again). Errors that end the transaction itself are raised.
+    """
+    results: list[RecordResult | PacsaiError] = []
+    for one in pending:
+        try:
+            with session.begin_nested():
+                results.append(
+                    record_instance(
+                        session=session,
+                        item=one.item,
+                        association_id=one.association_id,
+                        calling_ae_title=one.calling_ae_title,
+                        remote_address=one.remote_address,
+                        quiet_seconds=one.quiet_seconds,
+                        now=one.received_at,
+                    )
+                )
+        except InvalidInstanceError as exc:
+            results.append(exc)
+        except IntegrityError as exc:
+            results.append(
+                DatabaseError(
+                    f"instance {one.item.sop_instance_uid} was recorded concurrently by another "
+                    f"process; send it again ({type(exc.orig).__name__})"
+                )
+            )
+    return results
 
 
 def open_association(

@@ -13,9 +13,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 
+from pacsai._pynetdicom import refusal
 from pacsai.db import AssociationOutcome
 from pacsai.errors import (
     DatabaseError,
+    InstanceTooLargeError,
     InvalidInstanceError,
     PacsaiError,
     StorageFullError,
@@ -34,7 +36,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 def _status_for(error: BaseException) -> StoreStatus:
-    if isinstance(error, StorageFullError):
+    if isinstance(error, StorageFullError | InstanceTooLargeError):
         return StoreStatus.OUT_OF_RESOURCES
     if isinstance(error, InvalidInstanceError):
         return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -70,6 +72,9 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
     request = event.request
     affected_instance = str(request.AffectedSOPInstanceUID or "")
     try:
+        too_large = refusal(request)
+        if too_large is not None:
+            raise InstanceTooLargeError(f"{too_large} (storage.max_instance_mb)")
         receiver.instances.store(
             state,
             affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
@@ -94,12 +99,15 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
 _OUTCOMES = {
     evt.EVT_RELEASED: AssociationOutcome.RELEASED,
     evt.EVT_ABORTED: AssociationOutcome.ABORTED,
-    evt.EVT_CONN_CLOSE: AssociationOutcome.ABORTED,  # closed without release: only if still open
 }
 
 
 def handle_association(event: Any, receiver: Receiver) -> None:
-    """EVT_ACCEPTED, EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: record the association's life."""
+    """EVT_ACCEPTED, EVT_RELEASED, EVT_ABORTED: record the association's life.
+
+    An association that ends any other way (the connection dropped, a protocol violation, a
+    timeout) is recorded ABORTED by :meth:`Receiver.association_ended` when its thread ends.
+    """
     try:
         if event.event is evt.EVT_ACCEPTED:
             receiver.begin(event.assoc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -31,7 +32,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """A directory tree ``<study>/<series>/<sop>.<sha256 prefix>.dcm`` below `root`.
+    """A directory tree ``<study>/<series>/<sop>.<version>.dcm`` below `root`.
+
+    Every version of an instance written gets its own file name (``<version>`` is 16 random
+    hex digits), so that two associations writing the same SOP Instance UID never write, or
+    remove, each other's file.
 
     Parameters
     ----------
@@ -53,9 +58,10 @@ class Spool:
                 "check storage.spool_dir and its permissions"
             ) from exc
 
-    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
-        """Where an instance lives, relative to the spool root. The UIDs must be validated."""
-        return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}.dcm"
+    def new_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """A new file name for one version of an instance, relative to the spool root; no other
+        write ever gets the same one. The UIDs must be validated."""
+        return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(8)}.dcm"
 
     def absolute(self, relative: str) -> Path:
         """The absolute path of a spool-relative path."""
@@ -124,7 +130,7 @@ class Spool:
             _fsync_dir(created.parent)
 
     def remove(self, relative: str) -> None:
-        """Delete a superseded file; a missing file is not an error."""
+        """Delete a file no committed row points at; a missing file is not an error."""
         try:
             (self.root / relative).unlink(missing_ok=True)
         except OSError as exc:
