@@ -95,6 +95,7 @@ _KIB = 1024
 _MIB = 1024 * 1024
 _LONGEST_WAIT = 1.0  # seconds: no reactor sleeps longer than this without looking around
 _DISCARD_CHUNK = 64 * _KIB
+_DISCARD_LIMIT = 1 * _MIB  # after an A-ABORT, read no more than this before closing
 _REFUSAL = "_pacsai_refusal"  # attribute of a C-STORE primitive whose data set was not kept
 
 
@@ -207,6 +208,7 @@ class _DUL(DULServiceProvider):
         self.limits = limits
         self.violation: str | None = None
         self.closed = threading.Event()  # the transport connection is gone
+        self._discarded = 0
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
@@ -347,10 +349,12 @@ class _DUL(DULServiceProvider):
         connection = self._connection()
         if wrapper is None or connection is None:
             return False
-        if wrapper.ready:
+        if wrapper.ready and self._discarded < _DISCARD_LIMIT:
             try:
                 connection.settimeout(0)
-                if connection.recv(_DISCARD_CHUNK):
+                data = connection.recv(_DISCARD_CHUNK)
+                if data:
+                    self._discarded += len(data)
                     return True
             except (BlockingIOError, ssl.SSLWantReadError):
                 return True
