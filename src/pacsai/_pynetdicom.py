@@ -368,13 +368,13 @@ class _DUL(DULServiceProvider):
     def _deadline(self) -> float | None:
         """When the PDU now being read must be complete: the ARTIM (ACSE) timeout until the
         association is established, the network timeout after."""
-        if self.state_machine.current_state in ("Sta2", "Sta5"):
+        if self.assoc.is_established:
+            timeout = self.assoc.network_timeout
+        else:
             timeout = self.assoc.acse_timeout
             timer = self.artim_timer
             if timeout is not None and timer._start_time is not None and timer._end_time is None:
                 timeout = max(0.0, timer.remaining)
-        else:
-            timeout = self.assoc.network_timeout
         return None if timeout is None else time.monotonic() + timeout
 
     def _read_exactly(self, size: int, deadline: float | None) -> bytearray | None:
@@ -858,6 +858,7 @@ class AcceptorServer(ThreadedAssociationServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # socketserver's 5 makes a burst of connects wait for SYN retries
 
     def __init__(
         self,
@@ -906,6 +907,11 @@ class AcceptorServer(ThreadedAssociationServer):
             with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(_LIMIT_REJECTION_BYTES)
+                request.shutdown(socket.SHUT_WR)
+                # what already arrived is dropped, so that closing sends a FIN, not a reset
+                # that could destroy the rejection before the peer reads it
+                while request.recv(_DISCARD_CHUNK):
+                    pass
         self.hooks.connection_refused(host, reason)
         return False  # socketserver closes it
 

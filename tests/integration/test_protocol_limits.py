@@ -232,9 +232,7 @@ def test_a_data_set_over_max_instance_mb_is_refused_and_not_held(
         refusals = [
             json.loads(e.detail or "{}")
             for e in session.execute(
-                select(AuditEvent).where(
-                    AuditEvent.event_id == "110104", AuditEvent.outcome == 4
-                )
+                select(AuditEvent).where(AuditEvent.event_id == "110104", AuditEvent.outcome == 4)
             ).scalars()
         ]
     assert len(refusals) == 3

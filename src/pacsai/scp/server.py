@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import threading
 import time
@@ -130,30 +131,66 @@ class _PolicyACSE(ACSE):
 
 class _RefusalAlerts:
     """Connections refused at accept are audited at most once a minute per host, with the
-    number refused since: a flood must not flood the audit trail too."""
+    number refused since the last audit: a flood must not flood the audit trail too. The audit
+    is written by a thread of its own, never by the accept loop."""
 
     def __init__(self, instances: InstanceStore, *, interval: float = 60.0) -> None:
         self._instances = instances
         self._interval = interval
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}
-        self._since: dict[str, int] = {}
+        self._pending: dict[str, tuple[int, str]] = {}
+        self._outbox: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def refused(self, host: str, reason: str) -> None:
         now = time.monotonic()
         with self._lock:
-            self._since[host] = self._since.get(host, 0) + 1
+            count = self._pending.get(host, (0, reason))[0] + 1
             if now - self._last.get(host, -self._interval) < self._interval:
+                self._pending[host] = (count, reason)
                 return
             self._last[host] = now
-            count = self._since.pop(host)
-            if len(self._last) > 10_000:  # forget hosts not heard of for a while
-                self._last = {h: t for h, t in self._last.items() if now - t < self._interval}
+            self._pending.pop(host, None)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write, name="pacsai-refusal-audit", daemon=True
+                )
+                self._writer.start()
+        self._outbox.put((host, count, reason))
+
+    def flush(self) -> None:
+        """Audit what was refused since each host's last audit, and stop the writer."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            writer = self._writer
+        for host, (count, reason) in pending.items():
+            self._outbox.put((host, count, reason))
+        if writer is None:
+            self._write_all()
+            return
+        self._outbox.put(None)
+        writer.join()
+
+    def _write(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            self._audit(*item)
+
+    def _write_all(self) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._audit(*item)
+
+    def _audit(self, host: str, count: int, reason: str) -> None:
         self._instances.audit_rejection(
             calling_ae_title="",
             called_ae_title="",
             host=host,
-            explanation=f"{count} connection(s) refused: {reason}",
+            explanation=f"{count} connection(s) refused at accept: {reason}",
         )
 
 
@@ -291,6 +328,7 @@ class Receiver:
             leftovers = list(self._states)
         for assoc in leftovers:
             self.end(assoc, AssociationOutcome.ABORTED)
+        self._alerts.flush()
         self.instances.shutdown()
         self._server = None
 
