@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -107,7 +107,9 @@ def _insert_ignoring_conflict(
     session: Session, model: Any, key: str, values: dict[str, Any]
 ) -> None:
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    session.connection().execute(
+        insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    )
 
 
 def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
@@ -115,6 +117,33 @@ def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None
     return session.execute(
         select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
     ).scalar_one_or_none()
+
+
+# The statements of the receive path, built once: building them per instance cost more than
+# running them. They run on the session's connection (Core), not through the ORM.
+_EXISTING_INSTANCE = (
+    select(Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id)
+    .where(Instance.sop_instance_uid == bindparam("b_sop_instance_uid"))
+    .with_for_update()
+)
+_COUNT_INTO_STUDY = (
+    update(Study)
+    .where(Study.study_instance_uid == bindparam("b_study_instance_uid"))
+    .values(
+        status=StudyStatus.RECEIVING,
+        last_received_at=bindparam("b_now"),
+        quiet_seconds=bindparam("b_quiet_seconds"),
+        instance_count=Study.instance_count + 1,
+    )
+    .returning(Study.id)
+)
+_COUNT_INTO_SERIES = (
+    update(Series)
+    .where(Series.series_instance_uid == bindparam("b_series_instance_uid"))
+    .values(instance_count=Series.instance_count + 1)
+    .returning(Series.id, Series.study_id)
+)
+_INSERT_INSTANCE = insert(Instance)
 
 
 def _touch_study(
@@ -129,18 +158,13 @@ def _touch_study(
 
     Re-opens a COMPLETE study: it completes again, with a new job, once quiet.
     """
-    statement = (
-        update(Study)
-        .where(Study.study_instance_uid == item.study_instance_uid)
-        .values(
-            status=StudyStatus.RECEIVING,
-            last_received_at=now,
-            quiet_seconds=quiet_seconds,
-            instance_count=Study.instance_count + 1,
-        )
-        .returning(Study.id)
-    )
-    study_id = session.execute(statement).scalar_one_or_none()
+    connection = session.connection()
+    params = {
+        "b_study_instance_uid": item.study_instance_uid,
+        "b_now": now,
+        "b_quiet_seconds": quiet_seconds,
+    }
+    study_id = connection.execute(_COUNT_INTO_STUDY, params).scalar_one_or_none()
     if study_id is None:
         _insert_ignoring_conflict(
             session,
@@ -161,19 +185,15 @@ def _touch_study(
                 "last_received_at": now,
             },
         )
-        study_id = session.execute(statement).scalar_one()
+        study_id = connection.execute(_COUNT_INTO_STUDY, params).scalar_one()
     return int(study_id)
 
 
 def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) -> int:
     """Count an instance into its series, creating the series on its first instance."""
-    statement = (
-        update(Series)
-        .where(Series.series_instance_uid == item.series_instance_uid)
-        .values(instance_count=Series.instance_count + 1)
-        .returning(Series.id, Series.study_id)
-    )
-    row = session.execute(statement).one_or_none()
+    connection = session.connection()
+    params = {"b_series_instance_uid": item.series_instance_uid}
+    row = connection.execute(_COUNT_INTO_SERIES, params).one_or_none()
     if row is None:
         _insert_ignoring_conflict(
             session,
@@ -189,7 +209,7 @@ def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) ->
                 "instance_count": 0,
             },
         )
-        row = session.execute(statement).one()
+        row = connection.execute(_COUNT_INTO_SERIES, params).one()
     if row.study_id != study_id:
         raise InvalidInstanceError(
             f"Series Instance UID {item.series_instance_uid} already belongs to another study; "
@@ -222,11 +242,11 @@ def record_instance(
     InvalidInstanceError
         If the instance's series is already recorded under another study.
     """
-    existing = session.execute(
-        select(Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id)
-        .where(Instance.sop_instance_uid == item.sop_instance_uid)
-        .with_for_update()
-    ).one_or_none()
+    existing = (
+        session.connection()
+        .execute(_EXISTING_INSTANCE, {"b_sop_instance_uid": item.sop_instance_uid})
+        .one_or_none()
+    )
     if existing is not None and existing.sha256 == item.sha256:
         return RecordResult(StoreOutcome.DUPLICATE)
 
@@ -250,10 +270,9 @@ def record_instance(
         "received_at": now,
     }
     if existing is None:
-        session.execute(
-            insert(Instance).values(
-                sop_instance_uid=item.sop_instance_uid, replaced_count=0, **columns
-            )
+        session.connection().execute(
+            _INSERT_INSTANCE,
+            {"sop_instance_uid": item.sop_instance_uid, "replaced_count": 0, **columns},
         )
         return RecordResult(StoreOutcome.STORED)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pacsai.db import Database
@@ -43,11 +44,21 @@ class GroupCommitter:
         Where the rows go.
     max_batch
         The most instances one transaction records.
+    before_commit
+        Runs with each batch before its transaction (the spool syncs the batch's directories
+        there); an error it raises fails the batch.
     """
 
-    def __init__(self, database: Database, *, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        max_batch: int = 64,
+        before_commit: Callable[[list[PendingInstance]], None] | None = None,
+    ) -> None:
         self.database = database
         self.max_batch = max_batch
+        self.before_commit = before_commit
         self._queue: queue.SimpleQueue[_Ticket | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -124,6 +135,8 @@ class GroupCommitter:
         results: list[RecordResult | PacsaiError]
         batch_failed = True
         try:
+            if self.before_commit is not None:
+                self.before_commit([t.pending for t in now])
             with self.database.transaction() as session:
                 results = record_instances(session=session, pending=[t.pending for t in now])
             batch_failed = False

@@ -9,8 +9,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 
 from pacsai._pynetdicom import refusal
@@ -32,8 +30,6 @@ __all__ = ["handle_association", "handle_echo", "handle_store"]
 
 log = logging.getLogger(__name__)
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
 
 def _status_for(error: BaseException) -> StoreStatus:
     if isinstance(error, StorageFullError | InstanceTooLargeError):
@@ -51,14 +47,6 @@ def _response(status: StoreStatus, comment: str | None = None) -> Dataset:
     if comment:
         response.ErrorComment = comment[:64]  # LO
     return response
-
-
-def _encoded_file_meta(event: Any) -> bytes:
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-    return _PREAMBLE + buffer.getvalue()
 
 
 def handle_echo(event: Any) -> int:
@@ -80,8 +68,7 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
             affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
             affected_sop_instance_uid=affected_instance,
             transfer_syntax_uid=str(event.context.transfer_syntax),
-            file_meta=_encoded_file_meta(event),
-            dataset=event.encoded_dataset(include_meta=False),
+            dataset=event.request.DataSet.getvalue(),
         )
     except Exception as exc:
         status = _status_for(exc)

@@ -25,7 +25,7 @@ from pacsai.db.repository import (
     open_association,
 )
 from pacsai.errors import DatabaseError, PacsaiError
-from pacsai.scp._header import InstanceHeader, read_header
+from pacsai.scp._header import InstanceHeader, encode_file_meta, read_header
 from pacsai.scp.committer import GroupCommitter
 from pacsai.scp.spool import Spool
 from pacsai.scp.uids import validate_uid
@@ -67,9 +67,12 @@ class InstanceStore:
     def __init__(self, *, database: Database, spool: Spool) -> None:
         self.database = database
         self.spool = spool
-        self.committer = GroupCommitter(database)
+        self.committer = GroupCommitter(database, before_commit=self._sync_directories)
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
+
+    def _sync_directories(self, batch: list[PendingInstance]) -> None:
+        self.spool.sync_directories([pending.item.path for pending in batch])
 
     def in_flight(self) -> frozenset[str]:
         """Spool files written but not yet committed or discarded (the sweep leaves them)."""
@@ -87,14 +90,13 @@ class InstanceStore:
         affected_sop_class_uid: str,
         affected_sop_instance_uid: str,
         transfer_syntax_uid: str,
-        file_meta: bytes,
         dataset: bytes,
     ) -> StoreOutcome:
         """Check, write durably, record; return what was done.
 
-        `file_meta` is the preamble, prefix and encoded file meta information; `dataset` the data
-        set exactly as received. Nothing is acknowledged before both the file and its row are
-        committed.
+        `dataset` is the data set exactly as received; the file gets a File Meta Information
+        header made from the request. Nothing is acknowledged before both the file and its row
+        are committed.
 
         Raises
         ------
@@ -103,6 +105,7 @@ class InstanceStore:
         """
         sop_class_uid = validate_uid(affected_sop_class_uid, "Affected SOP Class UID")
         sop_instance_uid = validate_uid(affected_sop_instance_uid, "Affected SOP Instance UID")
+        file_meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         header = read_header(
             file_meta + dataset,
             affected_sop_class_uid=sop_class_uid,
@@ -115,23 +118,23 @@ class InstanceStore:
         with self._in_flight_lock:
             self._in_flight.add(relative)
         try:
-            return self._write_and_record(
-                state, relative, header, sha256, transfer_syntax_uid, (file_meta, dataset)
-            )
+            # the file's directory entry is synced by the committer, before the commit
+            size = self.spool.write(relative, (file_meta, dataset), sync_directory=False)
+            return self._record(state, relative, header, sha256, transfer_syntax_uid, size)
         finally:
             with self._in_flight_lock:
                 self._in_flight.discard(relative)
 
-    def _write_and_record(
+    def _record(
         self,
         state: AssociationState,
         relative: str,
         header: InstanceHeader,
         sha256: str,
         transfer_syntax_uid: str,
-        chunks: tuple[bytes, bytes],
+        size: int,
     ) -> StoreOutcome:
-        size = self.spool.write(relative, chunks)
+        """Record a written file; remove it if the database refuses it or supersedes it."""
         item = ReceivedInstance(
             sop_class_uid=header.sop_class_uid,
             sop_instance_uid=header.sop_instance_uid,
