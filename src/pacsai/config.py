@@ -108,7 +108,8 @@ class NodeSettings(_Section):
     allowed_peers: list[Peer] = Field(default_factory=list)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    # "auto": one per core the process may use, at most 4; or a number (1: no extra process)
+    # "auto": with PostgreSQL one per core the process may use, at most 4; with SQLite 1 (its
+    # one writer at a time makes more processes wait on each other); or a number
     receiver_processes: int | Literal["auto"] = Field(default="auto")
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
@@ -121,15 +122,6 @@ class NodeSettings(_Section):
             raise ValueError("must be auto or a number from 1 to 64")
         return value
 
-    def receiver_process_count(self) -> int:
-        """How many receiver processes share the port (``receiver_processes`` resolved)."""
-        if self.receiver_processes != "auto":
-            return self.receiver_processes
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        return max(1, min(cores, 4))
 
 
 class StorageSettings(_Section):
@@ -401,6 +393,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init arguments; the environment overrides it.
         return (env_settings, init_settings)
+
+    def receiver_process_count(self) -> int:
+        """How many receiver processes share the port (``node.receiver_processes`` resolved)."""
+        if self.node.receiver_processes != "auto":
+            return self.node.receiver_processes
+        if self.database.url.startswith("sqlite"):
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 4))
 
     @model_validator(mode="after")
     def _routes_send_to_known_destinations(self) -> Settings:

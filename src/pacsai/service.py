@@ -76,7 +76,7 @@ class Node:
             settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
         )
         self.instances = InstanceStore(database=self.database, spool=self.spool)
-        processes = settings.node.receiver_process_count()
+        processes = settings.receiver_process_count()
         self.receiver = Receiver(
             settings.node,
             instances=self.instances,
@@ -254,7 +254,7 @@ class Node:
 
     def _start_children(self) -> None:
         """Extra receiver processes on the same port (SO_REUSEPORT), one per further core."""
-        extra = self.settings.node.receiver_process_count() - 1
+        extra = self.settings.receiver_process_count() - 1
         if extra <= 0:
             return
         context = multiprocessing.get_context("spawn")
