@@ -194,7 +194,9 @@ class SpoolSweep:
             rows = session.execute(
                 select(Instance.id, Instance.path).execution_options(yield_per=2000)
             )
-            for instance_id, path in rows:
+            for number, (instance_id, path) in enumerate(rows):
+                if number % 10_000 == 0 and self._stop.is_set():
+                    return []
                 if not (self.spool.root / path).exists():
                     suspects.append(instance_id)
         missing = []
