@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import (
     Association,
     AssociationOutcome,

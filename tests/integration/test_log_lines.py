@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pydicom.config
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from tests.raw_dul import RawPeer, associate_rq, c_store_rq, encoded_dataset, p_data, pdv
 from tests.support import ServeProcess, make_ct_slice
 

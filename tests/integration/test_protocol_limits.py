@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import Association, AssociationOutcome, AuditEvent, Database
 from tests.raw_dul import (
     VERIFICATION_CONTEXTS,

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from sqlalchemy import select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import Database, Instance
 from tests.support import ServeProcess, make_ct_slice
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import Association, AssociationOutcome, AuditEvent, Database
 from tests.raw_dul import RawPeer, associate_rq, c_store_rq, p_data, pdv
 from tests.support import ServeProcess, make_ct_series, wait_for

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from sqlalchemy import select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import AuditEvent, Instance
 from pacsai.scp import SpoolSweep
 from pacsai.scp.sweep import ORPHANS

@@ -25,13 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
-from pacsai._pynetdicom import AcceptorServer
+from pacsai._pynetdicom import (
+    AE,  # pynetdicom, its response race fixed (see there)
+    AcceptorServer,
+)
 from pacsai.db import Association, AssociationOutcome, AuditEvent, AuditEventId, Instance
 from pacsai.service import Node
 from tests.support import make_ct_series, wait_for
