@@ -45,6 +45,7 @@ Nothing here knows about pacsai's policy: the receiver passes :class:`AcceptorHo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import select
@@ -91,6 +92,7 @@ __all__ = [
     "NetworkLimits",
     "close_transport",
     "connect_error",
+    "dataset_sha256",
     "no_delay",
     "protocol_error",
     "refusal",
@@ -106,6 +108,7 @@ _DISCARD_CHUNK = 64 * _KIB
 _DISCARD_LIMIT = 1 * _MIB  # after an A-ABORT, read no more than this before closing
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux
 _REFUSAL = "_pacsai_refusal"  # attribute of a C-STORE primitive whose data set was not kept
+_SHA256 = "_pacsai_sha256"  # attribute of a received primitive: its data set's SHA-256
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,13 @@ def refusal(primitive: Any) -> str | None:
     """Why the data set of a received C-STORE was not kept (``None`` when it was)."""
     reason = getattr(primitive, _REFUSAL, None)
     return reason if isinstance(reason, str) else None
+
+
+def dataset_sha256(primitive: Any) -> str | None:
+    """The SHA-256 (hex) of a received message's data set, hashed as its fragments arrived
+    (beside the network transfer rather than after it); ``None`` when not known."""
+    digest = getattr(primitive, _SHA256, None)
+    return digest if isinstance(digest, str) else None
 
 
 def protocol_error(assoc: Association) -> str | None:
@@ -598,6 +608,7 @@ class _DIMSE(DIMSEServiceProvider):
         self._command_set: Any = None
         self._data: list[memoryview] = []
         self._data_bytes = 0
+        self._hash = hashlib.sha256()
 
     def receive_primitive(self, primitive: Any) -> None:
         if not isinstance(primitive, _PDataPDU):
@@ -639,6 +650,7 @@ class _DIMSE(DIMSEServiceProvider):
             self._data.clear()  # counted from now on, never kept
         else:
             self._data.append(value)
+            self._hash.update(value)  # hashlib lets other threads run meanwhile
         if last:
             self._deliver()
 
@@ -665,6 +677,7 @@ class _DIMSE(DIMSEServiceProvider):
         oversized = limit is not None and self._data_bytes > limit
         message.data_set = BytesIO(b"" if oversized else b"".join(self._data))
         size = self._data_bytes
+        digest = None if oversized else self._hash.hexdigest()
         self._reset()
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
         try:
@@ -678,6 +691,8 @@ class _DIMSE(DIMSEServiceProvider):
                 _REFUSAL,
                 f"data set of {size} bytes over the limit of {limit}",
             )
+        elif digest is not None and getattr(primitive, "DataSet", None) is not None:
+            setattr(primitive, _SHA256, digest)
         context_id = cast(int, message.context_id)
         if isinstance(primitive, C_CANCEL):
             if len(self.cancel_req) < 10:

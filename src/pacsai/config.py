@@ -123,7 +123,6 @@ class NodeSettings(_Section):
         return value
 
 
-
 class StorageSettings(_Section):
     """Where received instances are spooled."""
 

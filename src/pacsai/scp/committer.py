@@ -1,19 +1,20 @@
 """Group commit: instance rows from every association of a receiver, committed together.
 
-Each C-STORE handler hands its instance (already durable in the spool) to one committer thread
-and waits. The committer records whatever has queued up meanwhile in one transaction, commits
-once, and only then releases each waiting handler with its own result, so every instance is
-still acknowledged only after its commit. With one association a batch is one instance; with
-many, one commit (one fsync) serves many instances.
+Each C-STORE handler, its instance already durable in the spool, queues it and waits. One of
+the waiting handlers leads: it records everything queued up meanwhile in one transaction,
+commits once, and releases each handler with its own result; then another waiting handler
+whose instance is not yet committed leads the next group. Every instance is still
+acknowledged only after its own commit. With one association a group is one instance,
+committed by its own handler thread (no hand-over to another thread); with many, one commit
+(one fsync) serves many instances.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pacsai.db import Database
 from pacsai.db.repository import PendingInstance, RecordResult, record_instances
@@ -27,16 +28,12 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Ticket:
     pending: PendingInstance
-    done: threading.Event = field(default_factory=threading.Event)
     result: RecordResult | PacsaiError | None = None
     retried: bool = False
 
 
-_STOP = object()
-
-
 class GroupCommitter:
-    """Commits instance rows in groups; :meth:`record` blocks until its instance's commit.
+    """Commits instance rows in groups; :meth:`record` returns once its instance is committed.
 
     Parameters
     ----------
@@ -45,8 +42,8 @@ class GroupCommitter:
     max_batch
         The most instances one transaction records.
     before_commit
-        Runs with each batch before its transaction (the spool syncs the batch's directories
-        there); an error it raises fails the batch.
+        Runs with each group before its transaction (the spool syncs the group's directories
+        there); an error it raises fails the group.
     """
 
     def __init__(
@@ -59,9 +56,9 @@ class GroupCommitter:
         self.database = database
         self.max_batch = max_batch
         self.before_commit = before_commit
-        self._queue: queue.SimpleQueue[_Ticket | object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._queue: list[_Ticket] = []
+        self._condition = threading.Condition()
+        self._leading = False
         self._stopped = False
 
     def record(self, pending: PendingInstance) -> RecordResult:
@@ -76,52 +73,35 @@ class GroupCommitter:
             itself failed, whether the row was committed is unknown.
         """
         ticket = _Ticket(pending)
-        self._ensure_running()
-        self._queue.put(ticket)
-        ticket.done.wait()
-        if isinstance(ticket.result, PacsaiError):
-            raise ticket.result
-        assert ticket.result is not None
-        return ticket.result
-
-    def _ensure_running(self) -> None:
-        with self._lock:
+        with self._condition:
             if self._stopped:
                 raise DatabaseError("the receiver is stopping; send the instance again later")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="pacsai-committer", daemon=True
-                )
-                self._thread.start()
+            self._queue.append(ticket)
+            while ticket.result is None:
+                if self._leading:
+                    self._condition.wait()
+                    continue
+                self._lead()
+        if isinstance(ticket.result, PacsaiError):
+            raise ticket.result
+        return ticket.result
+
+    def _lead(self) -> None:
+        """Commit the next group, with the condition's lock released meanwhile."""
+        self._leading = True
+        group, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._condition.release()
+        try:
+            self._commit(group)
+        finally:
+            self._condition.acquire()
+            self._leading = False
+            self._condition.notify_all()
 
     def stop(self) -> None:
-        """Commit what is queued, then end the thread."""
-        with self._lock:
+        """Refuse new instances (those being committed finish)."""
+        with self._condition:
             self._stopped = True
-            thread = self._thread
-        if thread is not None:
-            self._queue.put(_STOP)
-            thread.join()
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                batch.append(more)
-            self._commit([t for t in batch if isinstance(t, _Ticket)])
-            if stop:
-                return
 
     def _commit(self, batch: list[_Ticket]) -> None:
         # One version of a SOP Instance UID per transaction: a later one waits for the next.
@@ -143,7 +123,7 @@ class GroupCommitter:
         except PacsaiError as exc:
             results = [exc] * len(now)
             log.error("could not commit %d instance(s): %s", len(now), exc)
-        except Exception as exc:  # the committer must outlive any one batch
+        except Exception as exc:  # the leader must answer every instance of its group
             log.exception("unexpected error committing %d instance(s)", len(now))
             results = [DatabaseError(f"unexpected error: {type(exc).__name__}")] * len(now)
         for ticket, result in zip(now, results, strict=True):
@@ -152,6 +132,5 @@ class GroupCommitter:
                 later.append(ticket)
                 continue
             ticket.result = result
-            ticket.done.set()
         if later:
             self._commit(later)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from pacsai._pynetdicom import refusal
+from pacsai._pynetdicom import dataset_sha256, refusal
 from pacsai.db import AssociationOutcome
 from pacsai.errors import (
     DatabaseError,
@@ -69,6 +69,7 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
             affected_sop_instance_uid=affected_instance,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             dataset=event.request.DataSet.getvalue(),
+            sha256=dataset_sha256(request),
         )
     except Exception as exc:
         status = _status_for(exc)

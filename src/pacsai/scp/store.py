@@ -91,12 +91,13 @@ class InstanceStore:
         affected_sop_instance_uid: str,
         transfer_syntax_uid: str,
         dataset: bytes,
+        sha256: str | None = None,
     ) -> StoreOutcome:
         """Check, write durably, record; return what was done.
 
-        `dataset` is the data set exactly as received; the file gets a File Meta Information
-        header made from the request. Nothing is acknowledged before both the file and its row
-        are committed.
+        `dataset` is the data set exactly as received (`sha256` its hash, if already known);
+        the file gets a File Meta Information header made from the request. Nothing is
+        acknowledged before both the file and its row are committed.
 
         Raises
         ------
@@ -111,7 +112,7 @@ class InstanceStore:
             affected_sop_class_uid=sop_class_uid,
             affected_sop_instance_uid=sop_instance_uid,
         )
-        sha256 = hashlib.sha256(dataset).hexdigest()
+        sha256 = sha256 or hashlib.sha256(dataset).hexdigest()
         relative = self.spool.new_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
