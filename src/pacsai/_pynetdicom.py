@@ -27,17 +27,26 @@ Waiting (:class:`_Association`, :class:`_DUL`)
     pynetdicom's reactors poll: the DUL thread and the association thread each sleep 1 ms
     between checks. Here they block until there is something to do (data on the socket, a
     primitive to send, a message to serve, a timer due), which removes most of the per-instance
-    latency.
-Encoding (:class:`_DIMSE`)
-    pynetdicom encodes every response through pydicom data sets; a C-STORE-RSP is encoded
-    here, byte for byte as pynetdicom would, at a small part of the cost.
+    latency. pynetdicom's reactor can also take the response a ``send_*()`` call waits for (it
+    marks itself paused, then works, without looking at the checkpoint again): the sender waits
+    out its DIMSE timeout and aborts. The faster the peer answers, the likelier; here the
+    reactor announces its work before it looks again. Idle associations are released (A-RELEASE)
+    after the network timeout, not aborted.
+Encoding and sending (:class:`_DIMSE`, :func:`send_c_store`, :class:`_DUL`)
+    pynetdicom encodes every C-STORE request and response through pydicom data sets, reads a
+    file's data set again in PDU-sized pieces, and sends each P-DATA-TF with its own trip through
+    the state machine and its own system call. Here C-STORE requests and responses are encoded
+    directly (byte for byte as pynetdicom would), and whatever P-DATA is queued goes out in one
+    call. A received data set is hashed (SHA-256) as its fragments arrive.
 Sockets (:class:`_AssociationSocket`, :class:`AcceptorServer`, :class:`AcceptorHandler`)
     pynetdicom skips ``close()`` when ``shutdown()`` fails on a connection the peer has already
     dropped (the socket is left to the garbage collector); leaves Nagle's algorithm on (with a
-    peer's delayed ACKs each C-STORE stalls about 40 ms); does the TLS handshake in the accept
-    loop (one slow client stalls every other); counts a connection only once it is an
-    association; and keeps a bare TCP connect (a port probe) as a half-open association until
-    its ACSE timeout.
+    peer's delayed ACKs each C-STORE stalls about 40 ms), and ACKs late to senders that have it
+    on; does the TLS handshake in the accept loop (one slow client stalls every other); counts a
+    connection only once it is an association, in a listen backlog of 5; runs a full
+    ``gc.collect()`` in the accept loop; keeps a bare TCP connect (a port probe) as a half-open
+    association until its ACSE timeout; and logs why a connect failed instead of telling the
+    caller (:func:`connect_error`).
 
 Nothing here knows about pacsai's policy: the receiver passes :class:`AcceptorHooks`.
 """
@@ -433,14 +442,16 @@ class _DUL(DULServiceProvider):
         connection = self._connection()
         if wrapper is None or connection is None:
             return False
-        if wrapper.ready and self._discarded < _DISCARD_LIMIT:
+        # (a TLS connection is closed at once: a partial record would keep it "readable")
+        plain = not isinstance(connection, ssl.SSLSocket)
+        if plain and wrapper.ready and self._discarded < _DISCARD_LIMIT:
             try:
                 connection.settimeout(0)
                 data = connection.recv(_DISCARD_CHUNK)
                 if data:
                     self._discarded += len(data)
                     return True
-            except (BlockingIOError, ssl.SSLWantReadError):
+            except BlockingIOError:
                 return True
             except OSError:
                 pass

@@ -104,6 +104,7 @@ class RepeatLimiter:
         self.max_keys = max_keys
         self._seen: dict[tuple[str, int, str], _Seen] = {}
         self._lock = threading.Lock()
+        self._next_check = 0.0  # windows are looked over at most once a second
 
     def admit(self, record: logging.LogRecord, now: float | None = None) -> bool:
         """Whether `record` is written (it counts toward its window either way)."""
@@ -128,6 +129,9 @@ class RepeatLimiter:
         now = time.monotonic() if now is None else now
         out: list[logging.LogRecord] = []
         with self._lock:
+            if not all_ and now < self._next_check:
+                return out
+            self._next_check = now + 1.0
             for key, seen in list(self._seen.items()):
                 if not all_ and now - seen.started < self.window:
                     continue
