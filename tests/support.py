@@ -93,6 +93,7 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **sections: A
             "host": "127.0.0.1",
             "study_quiet_seconds": 1.0,
             "shutdown_grace_seconds": 5,
+            "receiver_processes": 1,  # tests that want more ask (spawning costs seconds)
         },
         "storage": {
             "spool_dir": str(tmp_path / "spool"),

@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -117,13 +118,18 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)
+    # Connections in any state (before their association too); more are refused at accept.
+    max_connections: int = Field(default=64, ge=1)
+    max_connections_per_host: int = Field(default=8, ge=1)
     max_pdu_size: int = Field(default=1_048_576, ge=0)  # 0: no limit
     require_called_ae_title: bool = True
     study_quiet_seconds: float = Field(default=10.0, gt=0)
     allowed_peers: list[Peer] = Field(default_factory=list)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    receiver_processes: int = Field(default=1, ge=1, le=64)
+    # "auto": with PostgreSQL one per core the process may use, at most 4; with SQLite 1 (its
+    # one writer at a time makes more processes wait on each other); or a number
+    receiver_processes: int | Literal["auto"] = Field(default="auto")
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # Modality Performed Procedure Step on the DICOM port: a COMPLETED step tells study
     # completion which series and how many instances to wait for (then no quiet window).
@@ -135,6 +141,13 @@ class NodeSettings(_Section):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @field_validator("receiver_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be auto or a number from 1 to 64")
+        return value
+
 
 class StorageSettings(_Section):
     """Where received instances are spooled."""
@@ -142,6 +155,8 @@ class StorageSettings(_Section):
     spool_dir: Path = Path("./var/spool")
     results_dir: Path = Path("./var/results")
     min_free_mb: int = Field(default=1024, ge=0)
+    # A larger data set is refused (0xA700) and not held in memory beyond this.
+    max_instance_mb: int = Field(default=1024, ge=1)
 
 
 class DatabaseSettings(_Section):
@@ -622,6 +637,18 @@ class Settings(BaseSettings):
             for name, destination in self.destinations.items()
             if isinstance(destination, Destination)
         }
+
+    def receiver_process_count(self) -> int:
+        """How many receiver processes share the port (``node.receiver_processes`` resolved)."""
+        if self.node.receiver_processes != "auto":
+            return self.node.receiver_processes
+        if self.database.url.startswith("sqlite"):
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 4))
 
     @model_validator(mode="after")
     def _routes_send_to_known_destinations(self) -> Settings:

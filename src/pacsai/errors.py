@@ -13,6 +13,7 @@ __all__ = [
     "DatabaseError",
     "DeliveryError",
     "InferenceError",
+    "InstanceTooLargeError",
     "InvalidInstanceError",
     "LeaseLostError",
     "ModelError",
@@ -43,6 +44,11 @@ class ReceiveError(PacsaiError):
 
 class StorageFullError(ReceiveError):
     """The spool has less free space than ``storage.min_free_mb``, or the disk filled up."""
+
+
+class InstanceTooLargeError(ReceiveError):
+    """A data set larger than ``storage.max_instance_mb``: it was not kept (DIMSE status A700,
+    Refused: Out of Resources)."""
 
 
 class InvalidInstanceError(ReceiveError):

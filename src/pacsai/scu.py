@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
-import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -12,17 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 from pynetdicom.status import code_to_category
 
+from pacsai._pynetdicom import AE, close_transport, connect_error, send_c_store
 from pacsai.errors import ConfigError, DeliveryError
 
 __all__ = [
@@ -39,6 +38,7 @@ __all__ = [
 
 _TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+_MESSAGE_IDS = itertools.count(1)  # unique among a requester's outstanding messages (PS3.7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,63 +95,37 @@ class NoAcceptedContextError(DeliveryError):
     SOP class or transfer syntax): sending again cannot help."""
 
 
-def _check_reachable(target: Target, timeout: float) -> None:
-    """Connect once ourselves, so that a peer that is down gives a clear error (and pynetdicom,
-    which leaks the socket of a refused connection, is not involved)."""
-    try:
-        with socket.create_connection((target.host, target.port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise DeliveryError(
-            f"could not connect to {target}: {exc.strerror or exc}: is the peer running, and are "
-            "its host and port right?"
-        ) from exc
-
-
 @contextlib.contextmanager
 def _association(
     ae: AE, target: Target, tls: ssl.SSLContext | None, timeout: float
 ) -> Iterator[Any]:
-    """An established association with `target`, released on exit.
-
-    The connection is closed here whatever happened: pynetdicom skips ``close()`` when
-    ``shutdown()`` fails on a connection the peer has already dropped (after a release, a
-    rejection or an abort), which would leave the socket to the garbage collector.
-    """
-    _check_reachable(target, timeout)
+    """An established association with `target`, released on exit (aborted on an error), its
+    connection closed whatever happened."""
     assoc = ae.associate(
         target.host,
         target.port,
         ae_title=target.ae_title,
         tls_args=(tls, target.host) if tls is not None else None,
     )
-    connection = _transport(assoc)
     try:
         if not assoc.is_established:
             raise _refusal(assoc, target)
-        if connection is not None:
-            # pynetdicom leaves Nagle's algorithm on, and with a peer's delayed ACKs every
-            # C-STORE then stalls ~40 ms (measured: 49 ms per object against 5 ms).
-            with contextlib.suppress(OSError):
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         yield assoc
         if assoc.is_established:
             assoc.release()
     finally:
         if assoc.is_established:
             assoc.abort()
-        if connection is not None:
-            connection.close()
-
-
-def _transport(assoc: Any) -> socket.socket | None:
-    """The association's socket, reached through pynetdicom's internals (``None`` if those
-    change: then only the clean-up and TCP_NODELAY are lost, never the association)."""
-    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    return raw if isinstance(raw, socket.socket) else None
+        close_transport(assoc)
 
 
 def _refusal(assoc: Any, target: Target) -> DeliveryError:
+    error = connect_error(assoc)
+    if error is not None:
+        return DeliveryError(
+            f"could not connect to {target}: {error.strerror or error}: is the peer running, "
+            "and are its host and port right?"
+        )
     if not assoc.is_rejected and assoc.rejected_contexts and not assoc.accepted_contexts:
         refused = sorted(
             {c.abstract_syntax.name for c in assoc.rejected_contexts if c.abstract_syntax}
@@ -205,13 +179,21 @@ class PushSummary:
 class _Item:
     path: Path
     sop_class_uid: str
+    sop_instance_uid: str
     transfer_syntax_uid: str
+    offset: int  # where the data set starts, after the file meta
 
 
 def _inspect(path: Path) -> _Item | str:
     try:
-        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-        return _Item(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        meta, offset = split_dataset(path)
+        return _Item(
+            path,
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+            offset,
+        )
     except (InvalidDicomError, AttributeError):
         return "not sent: not a DICOM file with file meta information"
     except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
@@ -262,18 +244,49 @@ def push(
                 on_file(path, inspected)
         else:
             items.append(inspected)
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk, undecoded
     for batch in _batches(items):
         ae = _ae(calling_ae_title, timeout)
         for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
             ae.add_requested_context(sop_class, syntax)
         with _association(ae, target, tls, timeout) as assoc:
-            for item in batch:
-                outcome, detail, ok = store_file(assoc, item.path)
+            for number, item in enumerate(batch, start=1):
+                outcome, detail, ok = _send(assoc, item, message_id=number % 0x10000 or 1)
                 summary.add(item.path, outcome, ok, detail)
                 if on_file:
                     on_file(item.path, outcome)
     return summary
+
+
+def _send(assoc: Any, item: _Item, *, message_id: int) -> tuple[str, str, bool]:
+    """Send one file's data set as it is on disk; return (outcome, detail, ok)."""
+    if not assoc.is_established:
+        return "not sent: the association was lost", "", False
+    try:
+        with item.path.open("rb") as stream:
+            stream.seek(item.offset)
+            dataset = stream.read()
+    except OSError as exc:
+        return f"not sent: unreadable ({type(exc).__name__})", str(exc)[:200], False
+    try:
+        response = send_c_store(
+            assoc,
+            sop_class_uid=item.sop_class_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid,
+            dataset=dataset,
+            message_id=message_id,
+        )
+    except ValueError as exc:
+        return "not sent: the peer accepted no presentation context for it", str(exc)[:200], False
+    except RuntimeError as exc:  # the association ended under us
+        return "not sent: the association was lost", str(exc)[:200], False
+    if "Status" not in response:
+        return "no response (association lost or timed out)", "", False
+    status = int(response.Status)
+    category = code_to_category(status)
+    comment = str(response.get("ErrorComment", "")).strip()
+    label = "Success" if status == 0 else f"0x{status:04X} {category}"
+    return label, comment, category in ("Success", "Warning")
 
 
 @contextlib.contextmanager
@@ -295,7 +308,6 @@ def open_association(
     DeliveryError
         If no association could be established.
     """
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes on disk, undecoded
     ae = _ae(calling_ae_title, timeout)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
@@ -303,20 +315,13 @@ def open_association(
         yield assoc
 
 
-def store_file(assoc: object, path: Path) -> tuple[str, str, bool]:
-    """C-STORE one file as it is on disk (an accepted presentation context must have its SOP
-    Class and transfer syntax); return (outcome, detail, ok)."""
-    try:
-        response = assoc.send_c_store(path)  # type: ignore[attr-defined]
-    except (ValueError, AttributeError) as exc:
-        return "not sent: the peer accepted no presentation context for it", str(exc)[:200], False
-    if "Status" not in response:
-        return "no response (association lost or timed out)", "", False
-    status = int(response.Status)
-    category = code_to_category(status)
-    comment = str(response.get("ErrorComment", "")).strip()
-    label = "Success" if status == 0 else f"0x{status:04X} {category}"
-    return label, comment, category in ("Success", "Warning")
+def store_file(assoc: Any, path: Path) -> tuple[str, str, bool]:
+    """C-STORE one file's data set as it is on disk (an accepted presentation context must have
+    its SOP Class and transfer syntax); return (outcome, detail, ok)."""
+    inspected = _inspect(path)
+    if isinstance(inspected, str):
+        return inspected, "", False
+    return _send(assoc, inspected, message_id=next(_MESSAGE_IDS) % 0x10000 or 1)
 
 
 def find_instances(

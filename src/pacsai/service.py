@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,7 +33,7 @@ from pacsai.db import (
 from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError, PacsaiError
 from pacsai.jobs.queue import JobQueue, make_queue
-from pacsai.scp import InstanceStore, Receiver, Spool, StudyCompletionMonitor
+from pacsai.scp import InstanceStore, Receiver, Spool, SpoolSweep, StudyCompletionMonitor
 from pacsai.scp.orders import OrderListener
 
 if TYPE_CHECKING:
@@ -91,12 +92,19 @@ class Node:
             settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
         )
         self.instances = InstanceStore(database=self.database, spool=self.spool)
-        processes = settings.node.receiver_processes
+        processes = settings.receiver_process_count()
         self.receiver = Receiver(  # started unless the role is api
             settings.node,
             instances=self.instances,
             reuse_port=processes > 1,
-            max_associations=_share(settings.node.max_associations, processes),
+            share=processes,
+            max_instance_bytes=settings.storage.max_instance_mb * 2**20,
+        )
+        self.sweep = SpoolSweep(
+            self.database,
+            self.spool,
+            actor=settings.node.ae_title,
+            in_flight=self.instances.in_flight,
         )
         self._children: list[BaseProcess] = []
         self.registry: ModelRegistry | None = None
@@ -156,6 +164,7 @@ class Node:
         self._audit_activity(AuditEventType.APPLICATION_START)
         if self.role != "api":
             self.receiver.start()
+            self.sweep.start()  # at start-up, then hourly
             self._start_children()
         if self.orders is not None:
             self.orders.start()
@@ -225,21 +234,29 @@ class Node:
         if self.api is not None:
             self.api.stop()
         grace = self.settings.node.shutdown_grace_seconds
+        deadline = time.monotonic() + grace + 4.5  # SIGTERM ends within grace + 5 s
         log.info("stopping: no new associations; waiting for open ones to finish")
+        if self.supervisor is not None:
+            self.supervisor.begin_stop()  # the running job finishes while associations do
         for child in self._children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
         if self.role != "api":
             self.receiver.stop(grace)
+            self.sweep.stop()
         if self.orders is not None:
             self.orders.stop()
-        for child in self._children:
-            child.join(grace + 10)
+        for child in self._children:  # they stop as this process does: within grace + 4.5 s
+            child.join(max(0.1, deadline - time.monotonic()))
+            if child.is_alive():
+                child.kill()
         if self.role != "api":
             self.completion.stop()
             self.queue.stop()
         if self.supervisor is not None:
-            self.supervisor.stop(grace + 30)
+            # The worker process was told to stop first; what it has not finished by now is
+            # taken back (its leases) at the next start.
+            self.supervisor.stop(max(0.1, deadline - time.monotonic()))
         self._audit_activity(AuditEventType.APPLICATION_STOP)
         if self.audit_forwarder is not None:
             self.audit_forwarder.stop()
@@ -248,17 +265,16 @@ class Node:
 
     def _start_children(self) -> None:
         """Extra receiver processes on the same port (SO_REUSEPORT), one per further core."""
-        extra = self.settings.node.receiver_processes - 1
+        extra = self.settings.receiver_process_count() - 1
         if extra <= 0:
             return
         context = multiprocessing.get_context("spawn")
         data = self.settings.model_dump(mode="json")
         data["node"]["port"] = self.receiver.port  # the port actually bound, if 0 was asked
-        share = _share(self.settings.node.max_associations, extra + 1)
         for index in range(extra):
             child = context.Process(
                 target=run_receiver_process,
-                args=(data, share, os.getpid()),
+                args=(data, extra + 1, os.getpid()),
                 name=f"pacsai-receiver-{index + 1}",
                 daemon=False,
             )
@@ -266,11 +282,7 @@ class Node:
             self._children.append(child)
 
 
-def _share(total: int, processes: int) -> int:
-    return max(1, -(-total // processes))
-
-
-def run_receiver_process(data: dict[str, Any], max_associations: int, parent_pid: int) -> None:
+def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) -> None:
     """Entry point of an extra receiver process: receive until SIGTERM or the parent is gone.
 
     Study completion, recovery and the audit of start and stop stay with the parent.
@@ -283,13 +295,14 @@ def run_receiver_process(data: dict[str, Any], max_associations: int, parent_pid
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
-    database = Database(settings.database.url, pool_size=max_associations + 2)
+    database = Database(settings.database.url, pool_size=settings.node.max_associations + 2)
     spool = Spool(settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20)
     receiver = Receiver(
         settings.node,
         instances=InstanceStore(database=database, spool=spool),
         reuse_port=True,
-        max_associations=max_associations,
+        share=processes,
+        max_instance_bytes=settings.storage.max_instance_mb * 2**20,
     )
     receiver.start()
     while not stop.wait(1.0):

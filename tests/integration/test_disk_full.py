@@ -21,11 +21,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import Association, AuditEvent, AuditEventId, Instance, Study
 from pacsai.scp import spool as spool_module
 from pacsai.service import Node

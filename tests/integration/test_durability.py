@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import (
     Association,
     AssociationOutcome,
@@ -225,3 +225,105 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(
     assert jobs[0].instance_count == recorded
     _holds(lambda: len(jobs_since_kill()) == 1, seconds=3 * QUIET_SECONDS)
     assert server.alive()
+
+
+class _KillingSender(threading.Thread):
+    """Sends its files; the sender whose acknowledgement is the `kill_at`-th of all of them
+    kills the node with SIGKILL at once, before it even looks at the next file."""
+
+    def __init__(
+        self, port: int, files: list[Path], name: str, on_ack: Callable[[Path], None]
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.port = port
+        self.files = files
+        self.on_ack = on_ack
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        ae = AE(ae_title=self.name)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="PACSAI")
+        try:
+            if not assoc.is_established:
+                raise RuntimeError("pacsai refused the association")
+            for path in self.files:
+                if not assoc.is_established:
+                    return
+                status = assoc.send_c_store(path).get("Status")
+                if status is None:
+                    return
+                if int(status) == 0:
+                    self.on_ack(path)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            assoc.join(timeout=30)
+            transport = assoc.dul.socket
+            if transport is not None and transport.socket is not None:
+                transport.socket.close()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("chunked_sends")
+@pytest.mark.parametrize("kill_at", [1, 37, 150])
+def test_an_instance_acknowledged_just_before_kill_9_is_present(
+    serve_process: Callable[..., ServeProcess],
+    open_database: Callable[[str], Database],
+    tmp_path: Path,
+    kill_at: int,
+) -> None:
+    """Four associations at once, so that instances are committed in groups; the node is
+    killed the moment the `kill_at`-th acknowledgement arrives. Every acknowledged instance,
+    the last one above all, is there after the restart with its bytes."""
+    server = serve_process(node={"shutdown_grace_seconds": 1})
+    assert server.process is not None
+    victim = server.process
+    acknowledged: list[Path] = []
+    lock = threading.Lock()
+
+    def on_ack(path: Path) -> None:
+        with lock:
+            acknowledged.append(path)
+            if len(acknowledged) == kill_at:
+                victim.kill()  # SIGKILL, from the thread that just got the answer
+
+    senders = []
+    sent: dict[Path, bytes] = {}
+    uid_of: dict[Path, str] = {}
+    for number in range(4):
+        datasets = make_ct_series(60, rows=16, columns=16, seed=100 + number)
+        files = write_datasets(datasets, tmp_path / f"series{number}")
+        for path, ds in zip(files, datasets, strict=True):
+            sent[path] = path.read_bytes()[split_dataset(path)[1] :]
+            uid_of[path] = ds.SOPInstanceUID
+        senders.append(_KillingSender(server.port, files, f"KILLER{number}", on_ack))
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=120)
+    victim.wait(timeout=10)
+    assert len(acknowledged) >= kill_at, [s.error for s in senders]
+    last = acknowledged[kill_at - 1]
+
+    server.start()
+    database = open_database(server.settings.database.url)
+    spool = server.settings.storage.spool_dir.resolve()
+    with database.reading() as session:
+        rows = {
+            row.sop_instance_uid: row
+            for row in session.execute(
+                select(Instance).where(Instance.sop_instance_uid.in_(uid_of.values()))
+            ).scalars()
+        }
+    lost = []
+    for path in acknowledged:
+        row = rows.get(uid_of[path])
+        if row is None or not (spool / row.path).is_file():
+            lost.append(uid_of[path])
+            continue
+        if _dataset_bytes((spool / row.path).read_bytes()) != sent[path]:
+            lost.append(f"{uid_of[path]} (other bytes)")
+    assert uid_of[last] in rows, "the instance acknowledged just before the kill is missing"
+    assert not lost, lost

@@ -39,7 +39,6 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode, split_dataset
@@ -47,6 +46,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.status import code_to_category
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import Database, Instance, Series
 from tests.support import ServeProcess, make_ct_series, make_ct_slice
 

@@ -12,11 +12,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import (
     Association,
     AuditEvent,

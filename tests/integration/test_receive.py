@@ -11,10 +11,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import AuditEvent, Instance, Job, JobStatus, Series, Study, StudyStatus
 from pacsai.scu import Target, push
 from pacsai.service import Node

@@ -6,10 +6,10 @@ import signal
 import threading
 from collections.abc import Callable
 
-from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
+from pacsai._pynetdicom import AE  # pynetdicom, its response race fixed (see there)
 from pacsai.db import AuditEvent, Database, Instance
 from tests.support import ServeProcess, make_ct_series, wait_for
 

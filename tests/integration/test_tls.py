@@ -25,14 +25,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE
 from pynetdicom.association import Association as ScuAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
+from pacsai._pynetdicom import (
+    AE,  # pynetdicom, its response race fixed (see there)
+    AcceptorServer,
+)
 from pacsai.db import Association, AssociationOutcome, AuditEvent, AuditEventId, Instance
-from pacsai.scp.server import _Server
 from pacsai.service import Node
 from tests.support import make_ct_series, wait_for
 
@@ -243,14 +245,14 @@ def _assert_refused(assoc: ScuAssociation, sockets: list[socket.socket]) -> None
 def _keep_accepted_sockets(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
     """Every connection the node's receivers accept from now on."""
     accepted: list[socket.socket] = []
-    get_request = _Server.get_request
+    get_request = AcceptorServer.get_request
 
-    def keep(self: _Server) -> tuple[socket.socket, Any]:
+    def keep(self: AcceptorServer) -> tuple[socket.socket, Any]:
         request = get_request(self)
         accepted.append(request[0])
         return request
 
-    monkeypatch.setattr(_Server, "get_request", keep)
+    monkeypatch.setattr(AcceptorServer, "get_request", keep)
     return accepted
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,8 @@ def _files(root: Path) -> list[Path]:
     return sorted(path for path in root.rglob("*") if path.is_file())
 
 
-def _relative(spool: Spool, payload: bytes) -> str:
-    return spool.relative_path(
-        generate_uid(), generate_uid(), generate_uid(), hashlib.sha256(payload).hexdigest()
-    )
+def _relative(spool: Spool) -> str:
+    return spool.new_path(generate_uid(), generate_uid(), generate_uid())
 
 
 @pytest.fixture
@@ -49,7 +47,7 @@ def test_a_spool_that_cannot_be_created_is_a_receive_error(tmp_path: Path) -> No
 
 def test_write_puts_exactly_the_chunks_in_the_final_file(spool: Spool) -> None:
     chunks = (b"\x00" * 128 + b"DICM", b"meta" * 100, os.urandom(200_000), b"")
-    relative = _relative(spool, b"".join(chunks[1:]))
+    relative = _relative(spool)
 
     size = spool.write(relative, chunks)
 
@@ -61,7 +59,7 @@ def test_write_puts_exactly_the_chunks_in_the_final_file(spool: Spool) -> None:
 
 
 def test_write_replaces_an_existing_file_whole(spool: Spool) -> None:
-    relative = _relative(spool, b"x")
+    relative = _relative(spool)
     spool.write(relative, (b"first version, longer than the second",))
 
     spool.write(relative, (b"second",))
@@ -70,41 +68,45 @@ def test_write_replaces_an_existing_file_whole(spool: Spool) -> None:
     assert _files(spool.root) == [spool.absolute(relative)]
 
 
-def test_relative_path_is_study_series_instance_below_the_root(spool: Spool) -> None:
+def test_new_path_is_study_series_instance_below_the_root(spool: Spool) -> None:
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    sha256 = hashlib.sha256(b"data").hexdigest()
 
-    relative = spool.relative_path(study, series, sop, sha256)
+    relative = spool.new_path(study, series, sop)
 
-    assert relative == f"{study}/{series}/{sop}.{sha256[:16]}.dcm"
+    assert re.fullmatch(rf"{study}/{series}/{sop}\.[0-9a-f]{{16}}\.dcm", relative)
     assert Path(relative).parts[:2] == (study, series)
     assert not Path(relative).is_absolute()
     resolved = spool.absolute(relative).resolve()
     assert resolved.is_relative_to(spool.root)
 
 
-def test_relative_path_parts_are_validated_uids(spool: Spool) -> None:
+def test_every_version_of_an_instance_gets_its_own_file_name(spool: Spool) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+
+    names = {spool.new_path(study, series, sop) for _ in range(1000)}
+
+    assert len(names) == 1000
+
+
+def test_new_path_parts_are_validated_uids(spool: Spool) -> None:
     # The receive path validates every UID before it builds a path with it; a UID that
     # would leave the spool never gets that far.
-    sha256 = hashlib.sha256(b"data").hexdigest()
     for hostile in ("..", "../../etc", "/etc", "1.2/../../..", "1.2.3\\..\\x"):
         with pytest.raises(InvalidInstanceError):
-            spool.relative_path(
+            spool.new_path(
                 validate_uid("1.2.3", "Study"),
                 validate_uid(hostile, "Series"),
                 validate_uid("1.2.4", "SOP"),
-                sha256,
             )
 
-    relative = spool.relative_path(
+    relative = spool.new_path(
         validate_uid("1.2.3\x00", "Study"),
         validate_uid("1.2.3.4 ", "Series"),
         validate_uid("1.2.3.4.5", "SOP"),
-        sha256,
     )
     study, series, name = Path(relative).parts
     assert (study, series) == ("1.2.3", "1.2.3.4")
-    assert name == f"1.2.3.4.5.{sha256[:16]}.dcm"
+    assert re.fullmatch(r"1\.2\.3\.4\.5\.[0-9a-f]{16}\.dcm", name)
     for part in (study, series, name.removesuffix(".dcm")):
         assert set(part) <= set("0123456789abcdef.")
 
@@ -128,7 +130,7 @@ def test_check_space_raises_storage_full_below_the_minimum(tmp_path: Path) -> No
 def test_write_below_the_minimum_leaves_nothing(tmp_path: Path) -> None:
     probe = Spool(tmp_path / "spool", min_free_bytes=0)
     greedy = Spool(tmp_path / "spool", min_free_bytes=probe.free_bytes() + 2**30)
-    relative = _relative(greedy, b"data")
+    relative = _relative(greedy)
 
     with pytest.raises(StorageFullError):
         greedy.write(relative, (b"data",))
@@ -158,7 +160,7 @@ def test_a_full_disk_during_write_is_storage_full_and_leaves_no_partial_file(
     spool: Spool, monkeypatch: pytest.MonkeyPatch, error: int
 ) -> None:
     _failing_write(monkeypatch, error, after=1000)
-    relative = _relative(spool, b"data")
+    relative = _relative(spool)
 
     with pytest.raises(StorageFullError, match="full") as caught:
         spool.write(relative, (b"m" * 500, b"d" * 5000))
@@ -171,7 +173,7 @@ def test_another_os_error_is_a_receive_error_and_leaves_no_partial_file(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _failing_write(monkeypatch, errno.EIO, after=10)
-    relative = _relative(spool, b"data")
+    relative = _relative(spool)
 
     with pytest.raises(ReceiveError) as caught:
         spool.write(relative, (b"d" * 5000,))
@@ -187,7 +189,7 @@ def test_a_failing_fsync_leaves_no_partial_file(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(spool_module.os, "fsync", fsync)
-    relative = _relative(spool, b"data")
+    relative = _relative(spool)
 
     with pytest.raises(StorageFullError):
         spool.write(relative, (b"d" * 5000,))
@@ -199,7 +201,7 @@ def test_a_failing_fsync_leaves_no_partial_file(
 def test_a_failed_write_keeps_the_previous_version(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    relative = _relative(spool, b"data")
+    relative = _relative(spool)
     spool.write(relative, (b"acknowledged bytes",))
     _failing_write(monkeypatch, errno.ENOSPC, after=3)
 
@@ -215,7 +217,7 @@ def test_clean_incoming_removes_leftover_part_files(tmp_path: Path) -> None:
     incoming = spool.root / ".incoming"
     for name in ("a.part", "b.part", "c.part"):
         (incoming / name).write_bytes(b"partial")
-    kept = spool.absolute(_relative(spool, b"kept"))
+    kept = spool.absolute(_relative(spool))
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"an acknowledged file")
 
@@ -228,7 +230,7 @@ def test_clean_incoming_removes_leftover_part_files(tmp_path: Path) -> None:
 
 def test_a_new_spool_on_an_old_directory_keeps_it(tmp_path: Path) -> None:
     first = Spool(tmp_path / "spool", min_free_bytes=0)
-    relative = _relative(first, b"x")
+    relative = _relative(first)
     first.write(relative, (b"x",))
 
     second = Spool(tmp_path / "spool", min_free_bytes=0)
@@ -237,7 +239,7 @@ def test_a_new_spool_on_an_old_directory_keeps_it(tmp_path: Path) -> None:
 
 
 def test_remove_deletes_and_tolerates_a_missing_file(spool: Spool) -> None:
-    relative = _relative(spool, b"x")
+    relative = _relative(spool)
     spool.write(relative, (b"x",))
 
     spool.remove(relative)

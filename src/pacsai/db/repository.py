@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacsai.db.audit import AuditAction, AuditEventId, AuditOutcome, append_event
@@ -31,10 +32,11 @@ from pacsai.db.models import (
     StudyExpectation,
     StudyStatus,
 )
-from pacsai.errors import InvalidInstanceError
+from pacsai.errors import DatabaseError, InvalidInstanceError, PacsaiError
 
 __all__ = [
     "EXPECTATION_LIFETIME",
+    "PendingInstance",
     "ReceivedInstance",
     "RecordResult",
     "StoreOutcome",
@@ -45,6 +47,7 @@ __all__ = [
     "interrupt_open_associations",
     "open_association",
     "record_instance",
+    "record_instances",
 ]
 
 
@@ -82,17 +85,36 @@ class StoreOutcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RecordResult:
-    """The outcome of :func:`record_instance`; ``old_path`` is the file a replacement superseded."""
+    """The outcome of :func:`record_instance`.
+
+    ``old_path`` is the file a replacement superseded: once the transaction has committed, no
+    row points at it any more. For a duplicate it is ``None``: the row still points at the file
+    recorded first, and the file just written is nobody's.
+    """
 
     outcome: StoreOutcome
     old_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInstance:
+    """One instance for :func:`record_instances`: what was received, from whom, and when."""
+
+    item: ReceivedInstance
+    association_id: str | None
+    calling_ae_title: str
+    remote_address: str
+    quiet_seconds: float
+    received_at: datetime
 
 
 def _insert_ignoring_conflict(
     session: Session, model: Any, key: str, values: dict[str, Any]
 ) -> None:
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    session.connection().execute(
+        insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    )
 
 
 def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
@@ -100,6 +122,33 @@ def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None
     return session.execute(
         select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
     ).scalar_one_or_none()
+
+
+# The statements of the receive path, built once: building them per instance cost more than
+# running them. They run on the session's connection (Core), not through the ORM.
+_EXISTING_INSTANCE = (
+    select(Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id)
+    .where(Instance.sop_instance_uid == bindparam("b_sop_instance_uid"))
+    .with_for_update()
+)
+_COUNT_INTO_STUDY = (
+    update(Study)
+    .where(Study.study_instance_uid == bindparam("b_study_instance_uid"))
+    .values(
+        status=StudyStatus.RECEIVING,
+        last_received_at=bindparam("b_now"),
+        quiet_seconds=bindparam("b_quiet_seconds"),
+        instance_count=Study.instance_count + 1,
+    )
+    .returning(Study.id)
+)
+_COUNT_INTO_SERIES = (
+    update(Series)
+    .where(Series.series_instance_uid == bindparam("b_series_instance_uid"))
+    .values(instance_count=Series.instance_count + 1)
+    .returning(Series.id, Series.study_id)
+)
+_INSERT_INSTANCE = insert(Instance)
 
 
 def _touch_study(
@@ -114,18 +163,13 @@ def _touch_study(
 
     Re-opens a COMPLETE study: it completes again, with a new job, once quiet.
     """
-    statement = (
-        update(Study)
-        .where(Study.study_instance_uid == item.study_instance_uid)
-        .values(
-            status=StudyStatus.RECEIVING,
-            last_received_at=now,
-            quiet_seconds=quiet_seconds,
-            instance_count=Study.instance_count + 1,
-        )
-        .returning(Study.id)
-    )
-    study_id = session.execute(statement).scalar_one_or_none()
+    connection = session.connection()
+    params = {
+        "b_study_instance_uid": item.study_instance_uid,
+        "b_now": now,
+        "b_quiet_seconds": quiet_seconds,
+    }
+    study_id = connection.execute(_COUNT_INTO_STUDY, params).scalar_one_or_none()
     if study_id is None:
         _insert_ignoring_conflict(
             session,
@@ -146,19 +190,15 @@ def _touch_study(
                 "last_received_at": now,
             },
         )
-        study_id = session.execute(statement).scalar_one()
+        study_id = connection.execute(_COUNT_INTO_STUDY, params).scalar_one()
     return int(study_id)
 
 
 def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) -> int:
     """Count an instance into its series, creating the series on its first instance."""
-    statement = (
-        update(Series)
-        .where(Series.series_instance_uid == item.series_instance_uid)
-        .values(instance_count=Series.instance_count + 1)
-        .returning(Series.id, Series.study_id)
-    )
-    row = session.execute(statement).one_or_none()
+    connection = session.connection()
+    params = {"b_series_instance_uid": item.series_instance_uid}
+    row = connection.execute(_COUNT_INTO_SERIES, params).one_or_none()
     if row is None:
         _insert_ignoring_conflict(
             session,
@@ -174,7 +214,7 @@ def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) ->
                 "instance_count": 0,
             },
         )
-        row = session.execute(statement).one()
+        row = connection.execute(_COUNT_INTO_SERIES, params).one()
     if row.study_id != study_id:
         raise InvalidInstanceError(
             f"Series Instance UID {item.series_instance_uid} already belongs to another study; "
@@ -196,19 +236,22 @@ def record_instance(
     """Record a spooled instance, its study and its series; audit a replacement.
 
     A new instance costs four statements: look it up, count it into its study and its series,
-    insert it. When another association inserts the same SOP Instance UID at the same moment, the
-    unique constraint fails the transaction, and the sender is answered with a retryable failure.
+    insert it. The instance's row is locked while this transaction decides (PostgreSQL; SQLite
+    serialises writers anyway), so that concurrent versions of one SOP Instance UID replace
+    each other in turn and each learns exactly which file it superseded. When another process
+    inserts the same new SOP Instance UID at the same moment, the unique constraint fails the
+    statement (:func:`record_instances` tries such an instance again).
 
     Raises
     ------
     InvalidInstanceError
         If the instance's series is already recorded under another study.
     """
-    existing = session.execute(
-        select(
-            Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id
-        ).where(Instance.sop_instance_uid == item.sop_instance_uid)
-    ).one_or_none()
+    existing = (
+        session.connection()
+        .execute(_EXISTING_INSTANCE, {"b_sop_instance_uid": item.sop_instance_uid})
+        .one_or_none()
+    )
     if existing is not None and existing.sha256 == item.sha256:
         return RecordResult(StoreOutcome.DUPLICATE)
 
@@ -232,10 +275,9 @@ def record_instance(
         "received_at": now,
     }
     if existing is None:
-        session.execute(
-            insert(Instance).values(
-                sop_instance_uid=item.sop_instance_uid, replaced_count=0, **columns
-            )
+        session.connection().execute(
+            _INSERT_INSTANCE,
+            {"sop_instance_uid": item.sop_instance_uid, "replaced_count": 0, **columns},
         )
         return RecordResult(StoreOutcome.STORED)
 
@@ -274,6 +316,44 @@ def record_instance(
         },
     )
     return RecordResult(StoreOutcome.REPLACED, old_path=existing.path)
+
+
+def record_instances(
+    *, session: Session, pending: list[PendingInstance]
+) -> list[RecordResult | PacsaiError]:
+    """Record several instances in the caller's transaction (a group commit), each in its own
+    savepoint: one that is refused leaves the others recorded.
+
+    Returns, in order, each instance's result or the error that refused it
+    (:class:`InvalidInstanceError`, or :class:`DatabaseError` for a statement that failed, for
+    example a concurrent insert of the same new SOP Instance UID by another process; the
+    sender may send it again). Errors that end the transaction itself are raised.
+    """
+    results: list[RecordResult | PacsaiError] = []
+    for one in pending:
+        try:
+            with session.begin_nested():
+                results.append(
+                    record_instance(
+                        session=session,
+                        item=one.item,
+                        association_id=one.association_id,
+                        calling_ae_title=one.calling_ae_title,
+                        remote_address=one.remote_address,
+                        quiet_seconds=one.quiet_seconds,
+                        now=one.received_at,
+                    )
+                )
+        except InvalidInstanceError as exc:
+            results.append(exc)
+        except IntegrityError as exc:
+            results.append(
+                DatabaseError(
+                    f"instance {one.item.sop_instance_uid} was recorded concurrently by another "
+                    f"process; send it again ({type(exc.orig).__name__})"
+                )
+            )
+    return results
 
 
 def open_association(

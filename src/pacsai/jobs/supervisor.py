@@ -97,14 +97,23 @@ class WorkerSupervisor:
         )
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
-        """Ask the child to stop (its running job finishes) and wait up to ``timeout`` seconds;
-        then kill it (its leases are taken back at the next start)."""
+    def begin_stop(self) -> None:
+        """Ask the child to stop: it takes no new work, and its running job finishes."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         with self._lock:
             child = self._child
         if child is not None and child.pid is not None and child.is_alive():
             os.kill(child.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float) -> None:
+        """Ask the child to stop (unless :meth:`begin_stop` did) and wait up to ``timeout``
+        seconds; then kill it (its leases are taken back at the next start)."""
+        self.begin_stop()
+        with self._lock:
+            child = self._child
+        if child is not None and child.pid is not None and child.is_alive():
             child.join(timeout)
             if child.is_alive():
                 log.warning("the worker process did not stop within %.0f s: killing it", timeout)

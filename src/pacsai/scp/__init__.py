@@ -11,6 +11,7 @@ from pacsai.scp.server import TRANSFER_SYNTAXES, Receiver, server_ssl_context
 from pacsai.scp.spool import Spool
 from pacsai.scp.status import StoreStatus
 from pacsai.scp.store import AssociationState, InstanceStore
+from pacsai.scp.sweep import SpoolSweep, SweepReport
 from pacsai.scp.uids import validate_uid
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "Receiver",
     "Rejection",
     "Spool",
+    "SpoolSweep",
     "StoreStatus",
     "StudyCompletionMonitor",
+    "SweepReport",
     "server_ssl_context",
     "validate_uid",
 ]

@@ -9,13 +9,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 
+from pacsai._pynetdicom import dataset_sha256, refusal
 from pacsai.db import AssociationOutcome
 from pacsai.errors import (
     DatabaseError,
+    InstanceTooLargeError,
     InvalidInstanceError,
     PacsaiError,
     StorageFullError,
@@ -30,11 +30,9 @@ __all__ = ["handle_association", "handle_echo", "handle_n_create", "handle_n_set
 
 log = logging.getLogger(__name__)
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
 
 def _status_for(error: BaseException) -> StoreStatus:
-    if isinstance(error, StorageFullError):
+    if isinstance(error, StorageFullError | InstanceTooLargeError):
         return StoreStatus.OUT_OF_RESOURCES
     if isinstance(error, InvalidInstanceError):
         return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -51,14 +49,6 @@ def _response(status: StoreStatus, comment: str | None = None) -> Dataset:
     return response
 
 
-def _encoded_file_meta(event: Any) -> bytes:
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-    return _PREAMBLE + buffer.getvalue()
-
-
 def handle_echo(event: Any) -> int:
     """C-ECHO (Verification): always Success."""
     return int(StoreStatus.SUCCESS)
@@ -70,13 +60,16 @@ def handle_store(event: Any, receiver: Receiver) -> Dataset:
     request = event.request
     affected_instance = str(request.AffectedSOPInstanceUID or "")
     try:
+        too_large = refusal(request)
+        if too_large is not None:
+            raise InstanceTooLargeError(f"{too_large} (storage.max_instance_mb)")
         receiver.instances.store(
             state,
             affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
             affected_sop_instance_uid=affected_instance,
             transfer_syntax_uid=str(event.context.transfer_syntax),
-            file_meta=_encoded_file_meta(event),
-            dataset=event.encoded_dataset(include_meta=False),
+            dataset=event.request.DataSet.getvalue(),
+            sha256=dataset_sha256(request),
         )
     except Exception as exc:
         status = _status_for(exc)
@@ -124,12 +117,15 @@ def handle_n_set(event: Any, receiver: Receiver) -> tuple[int, Dataset | None]:
 _OUTCOMES = {
     evt.EVT_RELEASED: AssociationOutcome.RELEASED,
     evt.EVT_ABORTED: AssociationOutcome.ABORTED,
-    evt.EVT_CONN_CLOSE: AssociationOutcome.ABORTED,  # closed without release: only if still open
 }
 
 
 def handle_association(event: Any, receiver: Receiver) -> None:
-    """EVT_ACCEPTED, EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: record the association's life."""
+    """EVT_ACCEPTED, EVT_RELEASED, EVT_ABORTED: record the association's life.
+
+    An association that ends any other way (the connection dropped, a protocol violation, a
+    timeout) is recorded ABORTED by :meth:`Receiver.association_ended` when its thread ends.
+    """
     try:
         if event.event is evt.EVT_ACCEPTED:
             receiver.begin(event.assoc)

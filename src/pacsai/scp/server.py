@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
+import queue
 import ssl
 import threading
 import time
@@ -29,7 +28,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -37,9 +36,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     Verification,
 )
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from pacsai._pynetdicom import AE, AcceptorServer, NetworkLimits, protocol_error
 from pacsai.config import NodeSettings
+from pacsai.db import AssociationOutcome
 from pacsai.errors import ConfigError, PacsaiError, ReceiveError
 from pacsai.scp.handlers import (
     handle_association,
@@ -118,8 +118,8 @@ class _PolicyACSE(ACSE):
         host = self.assoc.requestor.address
         active = sum(
             1
-            for other in self._receiver.ae.active_associations
-            if other.is_acceptor and other is not self.assoc and other.is_established
+            for other in self._receiver.associations()
+            if other is not self.assoc and other.is_established
         )
         verdict = self._receiver.policy.check(
             calling_ae_title=calling, called_ae_title=called, host=host, active=active
@@ -139,97 +139,69 @@ class _PolicyACSE(ACSE):
         self.assoc.kill()
 
 
-class _RequestHandler(RequestHandler):
-    """Runs one connection: the TLS handshake in its own thread, then the association.
+class _RefusalAlerts:
+    """Connections refused at accept are audited at most once a minute per host, with the
+    number refused since the last audit: a flood must not flood the audit trail too. The audit
+    is written by a thread of its own, never by the accept loop."""
 
-    The handler waits for the association to end and closes the connection itself: pynetdicom
-    skips ``close()`` when ``shutdown()`` fails on a connection the peer has already dropped,
-    which would leave the socket to the garbage collector.
-    """
+    def __init__(self, instances: InstanceStore, *, interval: float = 60.0) -> None:
+        self._instances = instances
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, tuple[int, str]] = {}
+        self._outbox: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
-    server: _Server
-    _association: Association | None = None
+    def refused(self, host: str, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            count = self._pending.get(host, (0, reason))[0] + 1
+            if now - self._last.get(host, -self._interval) < self._interval:
+                self._pending[host] = (count, reason)
+                return
+            self._last[host] = now
+            self._pending.pop(host, None)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write, name="pacsai-refusal-audit", daemon=True
+                )
+                self._writer.start()
+        self._outbox.put((host, count, reason))
 
-    def handle(self) -> None:
-        try:
-            if self._admit(self.request):
-                super().handle()  # starts the association's thread
-                assert self._association is not None
-                self._association.join()  # it ends once its DUL has stopped using the socket
-        finally:
-            self.request.close()
+    def flush(self) -> None:
+        """Audit what was refused since each host's last audit, and stop the writer."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            writer = self._writer
+        for host, (count, reason) in pending.items():
+            self._outbox.put((host, count, reason))
+        if writer is None:
+            self._write_all()
+            return
+        self._outbox.put(None)
+        writer.join()
 
-    def _admit(self, connection: socket.socket) -> bool:
-        """Wait for the peer's first byte, then complete the TLS handshake; audit a failed one.
+    def _write(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            self._audit(*item)
 
-        A connection closed (or silent for the ACSE timeout) before its first byte is a bare
-        connect: a port probe, a load balancer's health check, a peer checking that we are up.
-        It creates no association, holds up no shutdown, and on a TLS port is no security alert.
-        """
-        receiver = self.server.receiver
-        if not self._peer_speaks(connection, receiver.settings_node.timeouts.acse):
-            return False
-        if not isinstance(connection, ssl.SSLSocket):
-            return True
-        previous = connection.gettimeout()
-        connection.settimeout(receiver.settings_node.timeouts.acse)
-        try:
-            connection.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            receiver.instances.audit_rejection(
-                calling_ae_title="",
-                called_ae_title="",
-                host=str(self.client_address[0]),
-                explanation=f"TLS handshake failed: {exc}",
-            )
-            return False
-        connection.settimeout(previous)
-        return True
+    def _write_all(self) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._audit(*item)
 
-    @staticmethod
-    def _peer_speaks(connection: socket.socket, timeout: float | None) -> bool:
-        """Wait for the first byte (A-ASSOCIATE-RQ, or a TLS ClientHello) without consuming it;
-        False if the peer closed the connection or sent nothing within the ACSE timeout."""
-        previous = connection.gettimeout()
-        connection.settimeout(timeout)
-        try:
-            # socket.socket's own recv: on a TLS connection, the raw bytes before the handshake
-            return bool(socket.socket.recv(connection, 1, socket.MSG_PEEK))
-        except OSError:  # includes the timeout
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                connection.settimeout(previous)
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        assoc.acse = _PolicyACSE(assoc, self.server.receiver)
-        self._association = assoc
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    """The association server: SO_REUSEPORT when several receiver processes share a port."""
-
-    receiver: Receiver
-    reuse_port: bool = False
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
+    def _audit(self, host: str, count: int, reason: str) -> None:
+        self._instances.audit_rejection(
+            calling_ae_title="",
+            called_ae_title="",
+            host=host,
+            explanation=f"{count} connection(s) refused at accept: {reason}",
+        )
 
 
 class Receiver:
@@ -243,8 +215,12 @@ class Receiver:
         Stores instances and records associations.
     reuse_port
         Bind with SO_REUSEPORT, so that several receiver processes share the port.
-    max_associations
-        This receiver's share of ``node.max_associations`` (all of it by default).
+    share
+        How many receiver processes share the port: each gets that part of the node's
+        association and connection limits.
+    max_instance_bytes
+        The largest data set kept (``storage.max_instance_mb``); larger ones are refused with
+        0xA700 and never held in memory beyond it (``None``: no limit).
     """
 
     def __init__(
@@ -253,22 +229,25 @@ class Receiver:
         *,
         instances: InstanceStore,
         reuse_port: bool = False,
-        max_associations: int | None = None,
+        share: int = 1,
+        max_instance_bytes: int | None = None,
     ) -> None:
         self.settings_node = node
         self.instances = instances
-        self.policy = AssociationPolicy(node, max_associations=max_associations)
+        self.policy = AssociationPolicy(node, share=share)
         self.mpps = MppsService(instances.database)
         self.reuse_port = reuse_port
+        self.limits = _limits(node, max_instance_bytes)
         self._states: dict[Association, AssociationState] = {}
         self._lock = threading.Lock()
-        self._server: _Server | None = None
+        self._server: AcceptorServer | None = None
         self._thread: threading.Thread | None = None
+        self._alerts = _RefusalAlerts(instances)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
         node = self.settings_node
-        ae = AE(ae_title=node.ae_title)
+        ae = AE(ae_title=node.ae_title, limits=self.limits)
         ae.maximum_associations = 10_000  # the policy refuses first, with an audit event
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.timeouts.acse
@@ -312,21 +291,18 @@ class Receiver:
         ]
         handlers += [
             (event, handle_association, [self])
-            for event in (evt.EVT_ACCEPTED, evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)
+            for event in (evt.EVT_ACCEPTED, evt.EVT_RELEASED, evt.EVT_ABORTED)
         ]
         context = server_ssl_context(node)
-
-        class BoundServer(_Server):
-            receiver = self
-            reuse_port = self.reuse_port
-
         try:
-            server: _Server = self.ae.make_server(  # type: ignore[assignment]
+            server: AcceptorServer = self.ae.make_server(  # type: ignore[assignment]
                 (node.host, node.port),
                 evt_handlers=handlers,
                 ssl_context=context,
-                server_class=BoundServer,
-                request_handler=_RequestHandler,
+                server_class=AcceptorServer,
+                hooks=self,
+                limits=self.limits,
+                reuse_port=self.reuse_port,
             )
         except OSError as exc:
             raise ReceiveError(
@@ -342,23 +318,73 @@ class Receiver:
         self.ae._servers.append(server)
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop accepting associations; give open ones `grace_seconds` to finish, then abort."""
+        """Stop accepting; give open associations `grace_seconds` to finish, then abort them.
+
+        Connections without an association (silent, mid-handshake, mid-request) are closed at
+        once. Returns within `grace_seconds` plus about three seconds, whatever peers do.
+        """
         server = self._server
         if server is None:
             return
-        server.shutdown()  # stops the accept loop and closes the listening socket
         deadline = time.monotonic() + grace_seconds
-        while self._open_associations() and time.monotonic() < deadline:
+        server.shutdown()  # stops the accept loop and closes the listening socket
+        server.close_connections(established=False)
+        while self._established(server) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in self._open_associations():
-            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
-            assoc.abort()
-        for assoc in list(self._states):
-            assoc.join(timeout=5)
+        for assoc in self._established(server):
+            log.warning("aborting the association from %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort(block=False)
+        closing = time.monotonic() + 1.0
+        while server.open_connections() and time.monotonic() < closing:
+            time.sleep(0.05)
+        server.close_connections(established=True)
+        closing = time.monotonic() + 2.0
+        while server.open_connections() and time.monotonic() < closing:
+            time.sleep(0.05)
+        with self._lock:
+            leftovers = list(self._states)
+        for assoc in leftovers:
+            self.end(assoc, AssociationOutcome.ABORTED)
+        self._alerts.flush()
+        self.instances.shutdown()
         self._server = None
 
-    def _open_associations(self) -> list[Association]:
-        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]
+    def associations(self) -> list[Association]:
+        """The acceptor associations of open connections (established or not)."""
+        server = self._server
+        return list(server.associations()) if server is not None else []
+
+    @staticmethod
+    def _established(server: AcceptorServer) -> list[Association]:
+        return [a for a in server.associations() if a.is_established and a.is_alive()]
+
+    # --- AcceptorHooks ----------------------------------------------------------------------
+
+    def admit_connection(self, host: str, open_total: int, open_from_host: int) -> str | None:
+        return self.policy.admit_connection(
+            host=host, open_total=open_total, open_from_host=open_from_host
+        )
+
+    def connection_refused(self, host: str, reason: str) -> None:
+        log.warning(
+            "refused a connection from %s: %s", host, reason, extra={"action": "connection_refused"}
+        )
+        self._alerts.refused(host, reason)
+
+    def tls_failed(self, host: str, error: str) -> None:
+        self.instances.audit_rejection(
+            calling_ae_title="", called_ae_title="", host=host, explanation=error
+        )
+
+    def prepare(self, assoc: Association) -> None:
+        assoc.acse = _PolicyACSE(assoc, self)
+
+    def association_ended(self, assoc: Association) -> None:
+        """Whatever ended it, an accepted association is recorded as ended, and its state (and
+        whatever it held) freed; one the node gave up on is recorded ABORTED."""
+        self.end(assoc, AssociationOutcome.ABORTED)
+
+    # --- association records ----------------------------------------------------------------
 
     def state_of(self, assoc: Association) -> AssociationState:
         """The state of an accepted association (created if an event was missed)."""
@@ -396,7 +422,7 @@ class Receiver:
         )
         return state
 
-    def end(self, assoc: Association, outcome: Any) -> None:
+    def end(self, assoc: Association, outcome: AssociationOutcome) -> None:
         """Record how an association ended (once, whichever event comes first)."""
         with self._lock:
             state = self._states.pop(assoc, None)
@@ -406,11 +432,25 @@ class Receiver:
             self.instances.close(state, outcome)
         except PacsaiError as exc:
             log.error("could not record the end of association %s: %s", state.id, exc)
+        violation = protocol_error(assoc)
         log.info(
-            "association from %s %s: %d stored, %d refused",
+            "association from %s %s: %d stored, %d refused%s",
             state.calling_ae_title,
             str(outcome).lower(),
             state.stored,
             state.failed,
+            f" ({violation})" if violation else "",
             extra={"action": "association_ended", "association_id": state.id},
         )
+
+
+def _limits(node: NodeSettings, max_instance_bytes: int | None) -> NetworkLimits:
+    """The receiver's bounds on what a peer can make it hold."""
+    command_and_headers = 1 << 20
+    if node.max_pdu_size > 0:
+        max_pdu = node.max_pdu_size
+    elif max_instance_bytes is not None:
+        max_pdu = max_instance_bytes + command_and_headers
+    else:
+        max_pdu = 0xFFFFFFFF
+    return NetworkLimits(max_pdu_length=max_pdu, max_dataset_bytes=max_instance_bytes)

@@ -1,8 +1,11 @@
 """The spool: where received instances are written durably, as they arrived.
 
-A file is written to a temporary name in the spool's own filesystem, fsynced, and renamed into
-place; the directory is fsynced after the rename. A reader never sees a partial file, and a file
-whose instance was acknowledged survives ``kill -9`` and power loss.
+A file is written whole to a temporary name in the spool's own filesystem, renamed into place,
+fsynced, and its directory fsynced (the caller may sync directories itself, once for many files:
+:meth:`Spool.sync_directories`). A file whose instance was acknowledged survives ``kill -9`` and
+power loss. A crash before the fsync can leave an incomplete file under its final name, but no
+row ever points at one (rows are committed after the fsync, and only rows lead readers to
+files); the spool sweep moves it aside.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -31,7 +35,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """A directory tree ``<study>/<series>/<sop>.<sha256 prefix>.dcm`` below `root`.
+    """A directory tree ``<study>/<series>/<sop>.<version>.dcm`` below `root`.
+
+    Every version of an instance written gets its own file name (``<version>`` is 16 random
+    hex digits), so that two associations writing the same SOP Instance UID never write, or
+    remove, each other's file.
 
     Parameters
     ----------
@@ -53,9 +61,10 @@ class Spool:
                 "check storage.spool_dir and its permissions"
             ) from exc
 
-    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
-        """Where an instance lives, relative to the spool root. The UIDs must be validated."""
-        return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}.dcm"
+    def new_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """A new file name for one version of an instance, relative to the spool root; no other
+        write ever gets the same one. The UIDs must be validated."""
+        return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(8)}.dcm"
 
     def absolute(self, relative: str) -> Path:
         """The absolute path of a spool-relative path."""
@@ -75,8 +84,13 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB must remain"
             )
 
-    def write(self, relative: str, chunks: tuple[bytes, ...]) -> int:
+    def write(
+        self, relative: str, chunks: tuple[bytes, ...], *, sync_directory: bool = True
+    ) -> int:
         """Write `chunks` durably to `relative`, replacing any file there; return the size.
+
+        With `sync_directory` false the file's data is durable on return, its directory entry
+        once :meth:`sync_directories` has run for its directory.
 
         Raises
         ------
@@ -90,6 +104,7 @@ class Spool:
         self.check_space(size)
         final = self.root / relative
         temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        renamed = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -98,18 +113,39 @@ class Spool:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
+                self._make_parents(final.parent)
+                temp.replace(final)
+                renamed = True
+                # fsync after the rename: on journalling filesystems its one journal commit
+                # carries the rename too, and the directory's fsync then costs next to nothing
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._make_parents(final.parent)
-            temp.replace(final)
-            _fsync_dir(final.parent)
+            if sync_directory:
+                _fsync_dir(final.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            (final if renamed else temp).unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(f"the spool filesystem is full: {exc.strerror}") from exc
             raise ReceiveError(f"cannot write to the spool: {exc.strerror}") from exc
         return size
+
+    def sync_directories(self, relatives: list[str]) -> None:
+        """Make the directory entries of the files at `relatives` durable (one fsync for each
+        directory, however many files it got).
+
+        Raises
+        ------
+        ReceiveError
+            If a directory cannot be synced.
+        """
+        for directory in sorted({(self.root / relative).parent for relative in relatives}):
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                raise ReceiveError(
+                    f"cannot sync spool directory {directory}: {exc.strerror}"
+                ) from exc
 
     def _make_parents(self, directory: Path) -> None:
         if directory.is_dir():
@@ -124,7 +160,7 @@ class Spool:
             _fsync_dir(created.parent)
 
     def remove(self, relative: str) -> None:
-        """Delete a superseded file; a missing file is not an error."""
+        """Delete a file no committed row points at; a missing file is not an error."""
         try:
             (self.root / relative).unlink(missing_ok=True)
         except OSError as exc:

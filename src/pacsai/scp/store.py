@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from pacsai.db import (
@@ -17,14 +18,15 @@ from pacsai.db import (
     utcnow,
 )
 from pacsai.db.repository import (
+    PendingInstance,
     ReceivedInstance,
     StoreOutcome,
     close_association,
     open_association,
-    record_instance,
 )
-from pacsai.errors import InvalidInstanceError, PacsaiError
-from pacsai.scp._header import read_header
+from pacsai.errors import DatabaseError, PacsaiError
+from pacsai.scp._header import InstanceHeader, encode_file_meta, read_header
+from pacsai.scp.committer import GroupCommitter
 from pacsai.scp.spool import Spool
 from pacsai.scp.uids import validate_uid
 
@@ -54,11 +56,32 @@ class AssociationState:
 
 
 class InstanceStore:
-    """Stores instances and records associations; shared by every association of a receiver."""
+    """Stores instances and records associations; shared by every association of a receiver.
+
+    A file is removed only when no committed row points at it: the file a duplicate wrote (the
+    row keeps pointing at the first one), the file a replacement superseded (after the commit),
+    the file of an instance the database refused. After a database error whose commit may or
+    may not have happened, the file stays; the spool sweep settles it.
+    """
 
     def __init__(self, *, database: Database, spool: Spool) -> None:
         self.database = database
         self.spool = spool
+        self.committer = GroupCommitter(database, before_commit=self._sync_directories)
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+
+    def _sync_directories(self, batch: list[PendingInstance]) -> None:
+        self.spool.sync_directories([pending.item.path for pending in batch])
+
+    def in_flight(self) -> frozenset[str]:
+        """Spool files written but not yet committed or discarded (the sweep leaves them)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
+
+    def shutdown(self) -> None:
+        """Commit what is queued and stop the committer."""
+        self.committer.stop()
 
     def store(
         self,
@@ -67,14 +90,14 @@ class InstanceStore:
         affected_sop_class_uid: str,
         affected_sop_instance_uid: str,
         transfer_syntax_uid: str,
-        file_meta: bytes,
         dataset: bytes,
+        sha256: str | None = None,
     ) -> StoreOutcome:
         """Check, write durably, record; return what was done.
 
-        `file_meta` is the preamble, prefix and encoded file meta information; `dataset` the data
-        set exactly as received. Nothing is acknowledged before both the file and its row are
-        committed.
+        `dataset` is the data set exactly as received (`sha256` its hash, if already known);
+        the file gets a File Meta Information header made from the request. Nothing is
+        acknowledged before both the file and its row are committed.
 
         Raises
         ------
@@ -83,16 +106,36 @@ class InstanceStore:
         """
         sop_class_uid = validate_uid(affected_sop_class_uid, "Affected SOP Class UID")
         sop_instance_uid = validate_uid(affected_sop_instance_uid, "Affected SOP Instance UID")
+        file_meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         header = read_header(
             file_meta + dataset,
             affected_sop_class_uid=sop_class_uid,
             affected_sop_instance_uid=sop_instance_uid,
         )
-        sha256 = hashlib.sha256(dataset).hexdigest()
-        relative = self.spool.relative_path(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, sha256
+        sha256 = sha256 or hashlib.sha256(dataset).hexdigest()
+        relative = self.spool.new_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        size = self.spool.write(relative, (file_meta, dataset))
+        with self._in_flight_lock:
+            self._in_flight.add(relative)
+        try:
+            # the file's directory entry is synced by the committer, before the commit
+            size = self.spool.write(relative, (file_meta, dataset), sync_directory=False)
+            return self._record(state, relative, header, sha256, transfer_syntax_uid, size)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(relative)
+
+    def _record(
+        self,
+        state: AssociationState,
+        relative: str,
+        header: InstanceHeader,
+        sha256: str,
+        transfer_syntax_uid: str,
+        size: int,
+    ) -> StoreOutcome:
+        """Record a written file; remove it if the database refuses it or supersedes it."""
         item = ReceivedInstance(
             sop_class_uid=header.sop_class_uid,
             sop_instance_uid=header.sop_instance_uid,
@@ -114,29 +157,30 @@ class InstanceStore:
             instance_number=header.instance_number,
         )
         try:
-            with self.database.transaction() as session:
-                result = record_instance(
-                    session=session,
+            result = self.committer.record(
+                PendingInstance(
                     item=item,
                     association_id=state.id,
                     calling_ae_title=state.calling_ae_title,
                     remote_address=state.remote_address,
                     quiet_seconds=state.quiet_seconds,
-                    now=utcnow(),
+                    received_at=utcnow(),
                 )
-        except InvalidInstanceError:
-            # Refused on what the database knows (a series of another study): nothing refers to
-            # the file just written. After a database error the file stays: an identical
-            # instance committed meanwhile may refer to it, and a resend rewrites it anyway.
-            self.spool.remove(relative)
+            )
+        except DatabaseError:
+            raise  # the commit may have happened: the file stays for the sweep to settle
+        except PacsaiError:
+            self.spool.remove(relative)  # refused before any commit: nobody points at it
             raise
-        if result.old_path is not None and result.old_path != relative:
-            self.spool.remove(result.old_path)
+        if result.outcome is StoreOutcome.DUPLICATE:
+            self.spool.remove(relative)  # the row points at the version stored first
+        elif result.old_path is not None:
+            self.spool.remove(result.old_path)  # superseded: no committed row points at it
         state.stored += 1
         if result.outcome is StoreOutcome.REPLACED:
             log.warning(
                 "replaced instance %s with different bytes",
-                sop_instance_uid,
+                header.sop_instance_uid,
                 extra={"action": "instance_replaced", "association_id": state.id},
             )
         return result.outcome
