@@ -156,6 +156,7 @@ def test_a_zoo_bundle_runs_a_phantom_to_seg_and_sr(name: str, zoo: Path, tmp_pat
         label_map=label_map,
         probabilities=None,
         outputs=["seg", "sr"],
+        seg_type="BINARY",  # the form every viewer reads, and dciodvfy knows
     )
     kinds = {obj.kind: tmp_path / "results" / obj.path for obj in written}
     assert set(kinds) == {"SEG", "SR"}
