@@ -1097,6 +1097,125 @@ _LIMIT_REJECTION.result, _LIMIT_REJECTION.source, _LIMIT_REJECTION.reason_diagno
 _LIMIT_REJECTION_BYTES = _LIMIT_REJECTION.encode()
 
 
+class _Refuser:
+    """Answers connections refused at accept with an A-ASSOCIATE-RJ, in the protocol's order.
+
+    The rejection answers the peer's A-ASSOCIATE-RQ: sent before the request, a requestor may
+    take it (and the FIN after it) for an abort; closed with the request unread, the socket
+    would answer with a reset that can destroy the rejection before the peer reads it. So one
+    thread (not one per connection: a flood must cost no threads) waits for each peer's first
+    bytes, drops them, sends the rejection and a FIN, waits for the peer to close its side and
+    closes; a peer silent or lingering for ``linger`` seconds is simply closed. Beyond
+    ``capacity`` connections waiting, a refused connection is closed at once.
+    """
+
+    def __init__(self, rejection: bytes, *, linger: float = 5.0, capacity: int = 256) -> None:
+        self.rejection = rejection
+        self.linger = linger
+        self.capacity = capacity
+        self._waiting: dict[socket.socket, float] = {}  # -> deadline
+        self._answered: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # made with the thread
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def refuse(self, connection: socket.socket) -> None:
+        """Reject ``connection`` once its request has arrived, then close it."""
+        with self._lock:
+            if self._stopped or len(self._waiting) >= self.capacity:
+                connection.close()
+                return
+            connection.setblocking(False)
+            self._waiting[connection] = time.monotonic() + self.linger
+            if self._thread is None:
+                self._wake = socket.socketpair()
+                self._thread = threading.Thread(
+                    target=self._run,
+                    args=self._wake,
+                    name="pacsai-refused-connections",
+                    daemon=True,
+                )
+                self._thread.start()
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the thread: a connection to watch, or stop."""
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake[1].send(b"\0")
+
+    def holds(self, connection: socket.socket) -> bool:
+        """Whether ``connection`` is waiting here to be answered and closed."""
+        with self._lock:
+            return connection in self._waiting
+
+    def stop(self) -> None:
+        """Close every connection still waiting."""
+        with self._lock:
+            self._stopped = True
+            waiting, self._waiting = list(self._waiting), {}
+            self._answered.clear()
+        for connection in waiting:
+            connection.close()
+        self._nudge()
+
+    def _close(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(connection, None)
+            self._answered.discard(connection)
+        connection.close()
+
+    def _run(self, wake_reader: socket.socket, wake_writer: socket.socket) -> None:
+        try:
+            self._serve(wake_reader)
+        finally:
+            wake_reader.close()
+            wake_writer.close()
+
+    def _serve(self, wake_reader: socket.socket) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                expired = [c for c, deadline in self._waiting.items() if deadline <= now]
+                waiting = [c for c in self._waiting if c not in expired]
+                timeout = min(self._waiting.values(), default=now + 60) - now
+            for connection in expired:
+                self._close(connection)
+            try:
+                readable, _, _ = select.select([wake_reader, *waiting], [], [], max(0.0, timeout))
+            except (OSError, ValueError):  # a socket closed by stop(): look again
+                continue
+            for connection in readable:
+                if connection is wake_reader:
+                    with contextlib.suppress(OSError):
+                        wake_reader.recv(_DISCARD_CHUNK)
+                    continue
+                self._read(connection)
+
+    def _read(self, connection: socket.socket) -> None:
+        try:
+            data = connection.recv(_DISCARD_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the peer closed its side (after our rejection, or without a request)
+            self._close(connection)
+            return
+        with self._lock:
+            answered = connection in self._answered
+            self._answered.add(connection)
+        if not answered:  # its request (or the start of it): answer it
+            try:
+                connection.send(self.rejection)
+                connection.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close(connection)
+
+
 @dataclass(slots=True)
 class _Connection:
     host: str
@@ -1127,6 +1246,7 @@ class AcceptorServer(ThreadedAssociationServer):
         self.reuse_port = reuse_port
         self._connections: dict[socket.socket, _Connection] = {}
         self._lock = threading.Lock()
+        self._refuser = _Refuser(_LIMIT_REJECTION_BYTES)
         kwargs.setdefault("request_handler", AcceptorHandler)
         super().__init__(*args, **kwargs)
 
@@ -1157,17 +1277,22 @@ class AcceptorServer(ThreadedAssociationServer):
             if reason is None:
                 self._connections[request] = _Connection(host)
                 return True
-        if not isinstance(request, ssl.SSLSocket):
-            with contextlib.suppress(OSError):
-                request.setblocking(False)
-                request.send(_LIMIT_REJECTION_BYTES)
-                request.shutdown(socket.SHUT_WR)
-                # what already arrived is dropped, so that closing sends a FIN, not a reset
-                # that could destroy the rejection before the peer reads it
-                while request.recv(_DISCARD_CHUNK):
-                    pass
         self.hooks.connection_refused(host, reason)
-        return False  # socketserver closes it
+        if isinstance(request, ssl.SSLSocket):
+            return False  # socketserver closes it (no handshake: no place for a rejection)
+        self._refuser.refuse(request)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        """socketserver closes a request it refused or finished; a refused one is closed by the
+        refuser once its peer has read the rejection."""
+        if self._refuser.holds(request):
+            return
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        self._refuser.stop()
+        super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:

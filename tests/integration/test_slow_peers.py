@@ -67,7 +67,7 @@ def _served(server: ServeProcess, count: int = 10) -> None:
 
 
 def _answered_at_once(peers: list[RawPeer]) -> set[object]:
-    """The sockets the node answered within a second (with nothing sent)."""
+    """The sockets the node answered within a second (each having sent one byte)."""
     answered: set[object] = set()
     deadline = time.monotonic() + 1.0
     while (left := deadline - time.monotonic()) > 0:
@@ -100,14 +100,15 @@ def test_one_byte_peers_are_closed_within_the_acse_timeout_and_bounded_per_host(
 
     peers = [RawPeer(server.port, source=ATTACKER) for _ in range(40)]
     try:
-        # connections count from accept on: the host's share goes to the first ones
+        for peer in peers:
+            peer.send(b"\x01")  # the first byte of an A-ASSOCIATE-RQ, then nothing
+        # connections count from accept on: the host's share goes to the first ones; the
+        # others are rejected as soon as their request begins
         answered = _answered_at_once(peers)
         refused = [peer for peer in peers if peer.sock in answered]
         admitted = [peer for peer in peers if peer.sock not in answered]
         assert len(admitted) == PER_HOST
         assert all(_is_limit_rejection(peer) for peer in refused)
-        for peer in admitted:
-            peer.send(b"\x01")  # the first byte of an A-ASSOCIATE-RQ, then nothing
         closed_after: list[float | None] = [None] * len(admitted)
         watchers = [
             threading.Thread(
