@@ -35,6 +35,7 @@ def _row(item: JobListItem) -> list[str]:
             counts[obj.kind] = counts.get(obj.kind, 0) + 1
     deliveries = [
         f"{d.destination}:{d.status.value}"
+        + ("" if d.kind == "dicom" else f" [{d.kind}{' alert' if d.priority else ''}]")
         + (f" ({d.last_error[:60]})" if d.last_error and d.status.value != "SENT" else "")
         for d in item.deliveries
     ]
