@@ -32,6 +32,11 @@ def _run(context: ApiContext, caller: Caller, retrieval_id: int, request: Retrie
         operations.run_retrieval(context.database, context.settings, caller, retrieval_id, request)
     except PacsaiError as exc:  # the database went away: the row cannot say it any more
         log.error("retrieval %d stopped: %s", retrieval_id, exc)
+    except Exception as exc:  # the top of its own thread: said in the row and the log
+        log.exception("retrieval %d failed unexpectedly", retrieval_id)
+        operations.abandon_retrieval(
+            context.database, retrieval_id, f"internal error: {type(exc).__name__}: {exc}"
+        )
 
 
 @router.post(
@@ -50,9 +55,10 @@ def start_retrieval(
     """What ``pacsai retrieve`` does: C-FIND on the source, then C-MOVE to this node's AE title
     (or C-GET) of each study found; the studies then run like pushed ones.
 
-    Answers 202 at once with the retrieval's id; ``GET /retrieve/{id}`` shows its progress and
-    each study's outcome with its DIMSE status. 422 when the source is unknown or the criteria
-    say nothing to look for.
+    ``source`` names an entry of ``sources:`` or a DICOM destination (not an address: the API
+    retrieves from configured PACSs only). Answers 202 at once with the retrieval's id;
+    ``GET /retrieve/{id}`` shows its progress and each study's outcome with its DIMSE status.
+    422 when the source is unknown or the criteria say nothing to look for.
     """
     caller = principal.caller("POST /retrieve")
     started = operations.start_retrieval(context.database, context.settings, caller, request)

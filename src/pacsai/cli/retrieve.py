@@ -98,7 +98,7 @@ def retrieve(
     database = open_database(settings)
     try:
         try:
-            started = start_retrieval(database, settings, caller, request)
+            started = start_retrieval(database, settings, caller, request, any_address=True)
         except InvalidRequestError as exc:
             raise click.UsageError(str(exc)) from exc
         console = Console(stderr=True)

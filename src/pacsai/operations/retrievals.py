@@ -48,6 +48,7 @@ __all__ = [
     "RetrievalOut",
     "RetrieveRequest",
     "StudyProgress",
+    "abandon_retrieval",
     "get_retrieval",
     "list_retrievals",
     "run_retrieval",
@@ -57,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY = 0.5  # seconds between writes of a study's progress to the row
+_TEXT = r"^[^\\*?\x00-\x1f\x7f]+$"  # one value (no wildcard, no backslash), no control characters
 
 
 class RetrieveRequest(BaseModel):
@@ -69,17 +71,28 @@ class RetrieveRequest(BaseModel):
         max_length=128,
         description="A name under sources:, a DICOM destination, or AET@HOST:PORT",
     )
-    accession: str | None = Field(default=None, max_length=64, description="Accession number")
-    study_uid: str | None = Field(default=None, max_length=64, description="Study Instance UID")
-    patient_id: str | None = Field(default=None, max_length=64, description="Patient ID")
+    accession: str | None = Field(
+        default=None, max_length=64, pattern=_TEXT, description="Accession number"
+    )
+    study_uid: str | None = Field(
+        default=None, max_length=64, pattern=r"^[0-9.]+$", description="Study Instance UID"
+    )
+    patient_id: str | None = Field(
+        default=None, max_length=64, pattern=_TEXT, description="Patient ID"
+    )
     since: date | None = Field(default=None, description="Studies from this date on")
     until: date | None = Field(default=None, description="Studies up to this date")
-    modality: str | None = Field(default=None, max_length=16, description="e.g. CT")
+    modality: str | None = Field(
+        default=None, max_length=16, pattern=r"^[A-Za-z0-9_]+$", description="e.g. CT"
+    )
     method: Literal["move", "get"] | None = Field(
         default=None, description="C-MOVE or C-GET; null: the source's retrieve: setting"
     )
     move_to: str | None = Field(
-        default=None, max_length=16, description="AE title to C-MOVE to (default node.ae_title)"
+        default=None,
+        pattern=r"^[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$",
+        max_length=16,
+        description="AE title to C-MOVE to (default node.ae_title)",
     )
     dry_run: bool = Field(default=False, description="List what would be retrieved, and stop")
 
@@ -157,8 +170,11 @@ def _out(row: Retrieval) -> RetrievalOut:
     )
 
 
-def _plan(settings: Settings, request: RetrieveRequest) -> tuple[str, Any, Any]:
-    """(source name, Source, StudyQuery) of ``request``.
+def _plan(
+    settings: Settings, request: RetrieveRequest, *, any_address: bool = False
+) -> tuple[str, Any, Any]:
+    """(source name, Source, StudyQuery) of ``request``; ``AET@HOST:PORT`` only with
+    ``any_address`` (the CLI's), else a configured source or DICOM destination.
 
     Raises
     ------
@@ -167,6 +183,16 @@ def _plan(settings: Settings, request: RetrieveRequest) -> tuple[str, Any, Any]:
     """
     from pacsai.retrieve import StudyQuery, resolve_source
 
+    configured = request.source in settings.sources or request.source in (
+        settings.dicom_destinations
+    )
+    if not any_address and not configured:
+        known = sorted(settings.sources) + sorted(settings.dicom_destinations)
+        raise InvalidRequestError(
+            f"{request.source!r} is not under sources: or a DICOM destination"
+            + (f" (known: {', '.join(known)})" if known else "")
+            + "; a PACS is retrieved from here only once it is configured"
+        )
     try:
         name, source = resolve_source(settings, request.source)
     except (ConfigError, ValueError) as exc:
@@ -188,16 +214,24 @@ def _plan(settings: Settings, request: RetrieveRequest) -> tuple[str, Any, Any]:
 
 
 def start_retrieval(
-    database: Database, settings: Settings, caller: Caller, request: RetrieveRequest
+    database: Database,
+    settings: Settings,
+    caller: Caller,
+    request: RetrieveRequest,
+    *,
+    any_address: bool = False,
 ) -> RetrievalOut:
     """Record a retrieval as RUNNING once its request checks out; audited (110100, 110132).
+
+    ``any_address``: the source may also be ``AET@HOST:PORT`` (for a person at the node's
+    command line; the API retrieves from configured PACSs only).
 
     Raises
     ------
     InvalidRequestError
         If the source is unknown or the criteria do not make a query.
     """
-    name, source, query = _plan(settings, request)
+    name, source, query = _plan(settings, request, any_address=any_address)
     now = utcnow()
     with database.transaction() as session:
         row = Retrieval(
@@ -321,7 +355,7 @@ def run_retrieval(
         retrieve_studies,
     )
 
-    name, source, query = _plan(settings, request)
+    name, source, query = _plan(settings, request, any_address=True)  # checked when started
     progress = _Progress(database, retrieval_id, [])
     calling = settings.node.ae_title
     try:
@@ -410,6 +444,17 @@ def _finish(
         extra={"action": "retrieval", "retrieval_id": out.id, "status": status.value},
     )
     return out
+
+
+def abandon_retrieval(database: Database, retrieval_id: int, reason: str) -> None:
+    """End a RUNNING retrieval FAILED with ``reason``: what runs it met an error it could not
+    report otherwise."""
+    with database.transaction() as session:
+        row = session.get(Retrieval, retrieval_id)
+        if row is not None and row.status is RetrievalStatus.RUNNING:
+            row.status = RetrievalStatus.FAILED
+            row.error = reason
+            row.finished_at = row.updated_at = utcnow()
 
 
 def _mark_interrupted(row: Retrieval) -> bool:
