@@ -66,6 +66,7 @@ class TroubledDelivery:
     attempts: int
     last_error: str | None
     next_attempt_at: datetime | None
+    kind: str = "dicom"  # of its destination: dicom, hl7, fhir, webhook, email
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def node_overview(
                 delivery.attempts,
                 delivery.last_error,
                 delivery.next_attempt_at if delivery.status == DeliveryStatus.RETRYING else None,
+                delivery.kind,
             )
             for delivery, job_id in session.execute(
                 select(Delivery, Delivery.job_id)
