@@ -550,6 +550,17 @@ class ApiSettings(_Section):
     trusted_proxies: list[str] = Field(default_factory=list)
     session_idle_minutes: float = Field(default=15.0, gt=0)  # console sign-in ends when idle
     session_max_hours: float = Field(default=12.0, gt=0)  # and at the latest after this long
+    # The address people open the console at (https://pacsai.example.org, behind the hospital's
+    # proxy): HL7 and FHIR results and alerts link to <public_url>/studies/<Study Instance UID>.
+    # null: they carry no link (the node's own listening address is rarely one people reach).
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return _check_http_url(value).rstrip("/")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -629,6 +640,17 @@ class Settings(BaseSettings):
         # The YAML file arrives as init arguments; the environment overrides it.
         return (env_settings, init_settings)
 
+    def kind_of(self, destination: str) -> str:
+        """The kind of the destination called ``destination`` (dicom, hl7, fhir, webhook,
+        email).
+
+        Raises
+        ------
+        KeyError
+            If there is no such destination.
+        """
+        return self.destinations[destination].kind
+
     @property
     def dicom_destinations(self) -> dict[str, Destination]:
         """The destinations of kind ``dicom`` (C-STORE or STOW-RS), by name."""
@@ -659,13 +681,15 @@ class Settings(BaseSettings):
                     f"route {route.name!r} sends to {', '.join(unknown)}, "
                     "which is not under destinations:"
                 )
-            # The delivery workers send DICOM objects; results and alerts to the other kinds
-            # are built and sent by pacsai.reporting.hl7/fhir/alerts, not yet from a route.
-            other = [name for name in route.send_to if name not in self.dicom_destinations]
-            if other:
+            alerts = [
+                name
+                for name in route.send_to
+                if isinstance(self.destinations[name], WebhookDestination | EmailDestination)
+            ]
+            if alerts and not route.priority:
                 raise ValueError(
-                    f"route {route.name!r} sends to {', '.join(other)}, which is not a DICOM "
-                    "destination: routes send results to kind dicom only in this version"
+                    f"route {route.name!r} sends to {', '.join(alerts)}, which only get alerts "
+                    "for priority findings, but has no priority: rule saying when to alert"
                 )
         return self
 

@@ -59,6 +59,7 @@ __all__ = [
     "StudyQuery",
     "StudyRetrieval",
     "audit_retrieval",
+    "describe_status",
     "find_studies",
     "resolve_source",
     "retrieve_studies",
@@ -81,6 +82,11 @@ def _status_text(status: int) -> str:
     if not description and 0xC000 <= status <= 0xCFFF:
         description = "Unable to process"
     return f"0x{status:04X} {description or category or 'unknown status'}".strip()
+
+
+def describe_status(status: int) -> str:
+    """A C-MOVE/C-GET status in words: ``0x0000 Success``, ``0xA801 Refused: Move ...``."""
+    return _status_text(status)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
 from pacsai.config import Source
-from pacsai.db import AuditEvent, Database, Instance, Job, JobStatus, Study
+from pacsai.db import AuditEvent, Database, Instance, Job, JobStatus, Study, TokenRole, utcnow
+from pacsai.db.tokens import create_token
 from pacsai.demo.orthanc import Orthanc
 from pacsai.phantom import write_phantom
 from pacsai.retrieve import StudyQuery, StudyRetrieval, find_studies, retrieve_studies
@@ -204,3 +206,116 @@ def test_a_refused_move_is_reported_with_its_status(
         assert not retrieval.succeeded
         assert retrieval.status is not None and retrieval.status != 0
         assert retrieval.status_text.startswith(f"0x{retrieval.status:04X}")
+
+
+# --- POST /api/v1/retrieve --------------------------------------------------------------------
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code < 500
+    except httpx.TransportError:
+        return False
+
+
+def _until_finished(client: httpx.Client, location: str) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        answer = client.get(location)
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body if body["status"] != "RUNNING" else None
+
+    result: dict[str, Any] = wait_for(finished, timeout=TIMEOUT, interval=0.2)
+    return result
+
+
+def test_post_retrieve_runs_in_the_background_and_reports_each_study(
+    make_orthanc: Callable[..., Orthanc],
+    serve_process: Callable[..., ServeProcess],
+    tmp_path: Path,
+) -> None:
+    pacs = make_orthanc()
+    server = serve_process(
+        sources={"pacs": _source(pacs).model_dump(mode="json")},
+        api={"enabled": True, "port": free_port()},
+    )
+    pacs.modalities["PACSAI"] = ("PACSAI", "127.0.0.1", server.port)
+    pacs.start()
+    _old_and_new(pacs, tmp_path)
+    database = Database(server.settings.database.url)
+    with database.transaction() as session:
+        _, admin = create_token(session=session, name="it", role=TokenRole.ADMIN, now=utcnow())
+        _, viewer = create_token(session=session, name="ward", role=TokenRole.VIEWER, now=utcnow())
+    base = f"http://127.0.0.1:{server.settings.api.port}"
+    wait_for(lambda: _answers(f"{base}/healthz"), timeout=60)
+    try:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {admin}"}, timeout=60
+        ) as client:
+            # Both studies since 2025, moved into the running node.
+            answer = client.post("/api/v1/retrieve", json={"source": "pacs", "since": "2025-01-01"})
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["status"] == "RUNNING"
+            location = answer.headers["location"]
+            done = _until_finished(client, location)
+            assert done["status"] == "SUCCEEDED", done
+            assert (done["found"], done["retrieved"], done["actor"]) == (2, 2, "api:it")
+            assert sorted(s["accession_number"] for s in done["studies"]) == ["NEW-1", "OLD-1"]
+            for study in done["studies"]:
+                assert study["state"] == "retrieved"
+                assert study["dimse_status"] == "0x0000 Success"
+                assert (study["completed"], study["failed"], study["expected"]) == (4, 0, 4)
+            wait_for(lambda: len(db_rows(database, Instance)) == 8, timeout=60)
+            assert len(db_rows(database, Study)) == 2
+
+            # A move the PACS refuses: each study fails with the DIMSE status it gave.
+            refused = client.post(
+                "/api/v1/retrieve",
+                json={"source": "pacs", "accession": "NEW-1", "move_to": "NOBODY"},
+            )
+            assert refused.status_code == 202, refused.text
+            failed = _until_finished(client, refused.headers["location"])
+            assert (
+                failed["status"] == "FAILED" and failed["error"] == "1 of 1 studies not retrieved"
+            )
+            [study] = failed["studies"]
+            assert study["state"] == "failed"
+            assert study["dimse_status"].startswith(("0xA", "0xC"))  # Orthanc: 0xC000
+            assert study["error"].startswith(study["dimse_status"])
+
+            # Nothing found, and requests refused before anything starts.
+            nothing = client.post("/api/v1/retrieve", json={"source": "pacs", "accession": "NO"})
+            empty = _until_finished(client, nothing.headers["location"])
+            assert empty["status"] == "FAILED" and empty["found"] == 0
+            assert empty["error"] == "nothing found on pacs for accession NO"
+            unknown = client.post(
+                "/api/v1/retrieve", json={"source": "elsewhere", "since": "2025-01-01"}
+            )
+            assert unknown.status_code == 422 and "elsewhere" in unknown.json()["detail"]
+            vague = client.post("/api/v1/retrieve", json={"source": "pacs"})
+            assert vague.status_code == 422 and "say what to retrieve" in vague.json()["detail"]
+            listed = client.get("/api/v1/retrieve").json()
+            assert [r["status"] for r in listed] == ["FAILED", "FAILED", "SUCCEEDED"]
+            assert client.get("/api/v1/retrieve/999").status_code == 404
+        forbidden = httpx.post(
+            f"{base}/api/v1/retrieve",
+            json={"source": "pacs", "since": "2025-01-01"},
+            headers={"Authorization": f"Bearer {viewer}"},
+            timeout=60,
+        )
+        assert forbidden.status_code == 403
+
+        imports = db_rows(database, AuditEvent, AuditEvent.event_id == "110107")
+        assert sorted((e.actor, e.outcome) for e in imports) == [
+            ("api:it", 0),
+            ("api:it", 0),
+            ("api:it", 8),
+        ]
+        started = [
+            e
+            for e in db_rows(database, AuditEvent, AuditEvent.event_id == "110100")
+            if "retrieve from a PACS" in (e.detail or "")
+        ]
+        assert len(started) == 3 and all(e.actor == "api:it" for e in started)
+    finally:
+        database.dispose()

@@ -167,6 +167,9 @@ LEAST_ROLE = {
     ("GET", "/metrics"): "admin",
     ("GET", "/audit"): "auditor",
     ("GET", "/audit/verify"): "auditor",
+    ("POST", "/retrieve"): "admin",
+    ("GET", "/retrieve"): "admin",
+    ("GET", "/retrieve/{retrieval_id}"): "admin",
 }
 TOKEN_OF_ROLE = {"viewer": "ris", "auditor": "audit-office", "admin": "it-admin"}
 ROLE_ORDER = ["viewer", "auditor", "admin"]
@@ -191,7 +194,8 @@ def test_every_route_refuses_missing_unknown_revoked_and_too_low_tokens(
 
     for method, path in operations:
         assert (method, path) in LEAST_ROLE, f"{method} {path}: no role declared in this test"
-        url = path.replace("{study_uid}", "1.2.3").replace("{job_id}", "1").lstrip("/")
+        url = path.replace("{study_uid}", "1.2.3").replace("{job_id}", "1")
+        url = url.replace("{retrieval_id}", "1").lstrip("/")
         least = LEAST_ROLE[(method, path)]
         for client in (anonymous, unknown, basic, api.client("old-ris")):
             response = client.request(method, url)

@@ -131,3 +131,17 @@ def test_serve_with_two_receiver_processes_shares_the_port(
     with database.reading() as session:
         assert session.execute(select(func.count()).select_from(Instance)).scalar_one() == 20
     database.dispose()
+
+
+def test_retrieve_refuses_an_unknown_source_and_no_criteria(tmp_path: Path) -> None:
+    config = tmp_path / "pacsai.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path / 'pacsai.db'}'}}\n"
+        "sources: {archive: {ae_title: PACS, host: 127.0.0.1, port: 104}}\n",
+        encoding="utf-8",
+    )
+    unknown = pacsai("retrieve", "--from", "nowhere", "--accession", "A1", "--config", str(config))
+    assert unknown.returncode == 2, unknown.stderr
+    assert "'nowhere' is not under sources:" in unknown.stderr and "archive" in unknown.stderr
+    vague = pacsai("retrieve", "--from", "archive", "--config", str(config))
+    assert vague.returncode == 2 and "say what to retrieve" in vague.stderr

@@ -17,7 +17,7 @@ from pacsai.config import (
 )
 from pacsai.errors import ConfigError
 from pacsai.reporting.alerts import Alert
-from pacsai.reporting.study_result import Finding, ModelRun, ResultObjectRef
+from pacsai.reporting.study_result import Finding, ModelRun, ResultObjectRef, StudyResult
 from tests.study_results import make_study_result
 
 
@@ -123,16 +123,64 @@ def test_bad_destinations_are_named(tmp_path: Path, entry: str, message: str) ->
         load_settings(config)
 
 
-def test_routes_send_to_dicom_destinations_only(tmp_path: Path) -> None:
+def test_routes_send_results_to_every_kind_and_alerts_need_a_priority_rule(
+    tmp_path: Path,
+) -> None:
     config = tmp_path / "pacsai.yaml"
-    config.write_text(
-        """
+    destinations = """
 destinations:
+  pacs: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}
   ris: {kind: hl7, host: ris.example, port: 2575}
+  fhir: {kind: fhir, base_url: "https://fhir.example/r4"}
+  oncall: {kind: email, host: smtp.example, from_address: pacsai@h.example, to: [a@h.example]}
+"""
+    config.write_text(
+        destinations
+        + """
 routes:
-  - {name: ct, model: ct_abdomen_demo, send_to: [ris]}
+  - name: ct
+    model: ct_abdomen_demo
+    send_to: [pacs, ris, fhir, oncall]
+    priority: [{finding: liver, min_volume_ml: 1000}]
 """,
         encoding="utf-8",
     )
-    with pytest.raises(ConfigError, match="not a DICOM destination"):
+    settings = load_settings(config)
+    assert [settings.kind_of(n) for n in ("pacs", "ris", "fhir", "oncall")] == [
+        "dicom",
+        "hl7",
+        "fhir",
+        "email",
+    ]
+    config.write_text(
+        destinations + "routes:\n  - {name: ct, model: m, send_to: [ris, oncall]}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"oncall, which only get alerts.*no priority: rule"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("https://pacsai.example.org/", "https://pacsai.example.org"), ("ftp://x", None)],
+)
+def test_public_url_is_an_http_url(tmp_path: Path, url: str, expected: str | None) -> None:
+    config = tmp_path / "pacsai.yaml"
+    config.write_text(f"api: {{public_url: '{url}'}}\n", encoding="utf-8")
+    if expected is None:
+        with pytest.raises(ConfigError, match="public_url"):
+            load_settings(config)
+    else:
+        assert load_settings(config).api.public_url == expected
+
+
+def test_a_stored_study_result_reads_back_under_a_key() -> None:
+    result = make_study_result()
+    stored = result.to_json()
+    assert "J42-R1" not in stored  # the key is each delivery's own
+    assert StudyResult.from_json(stored, key=result.key) == result
+    assert StudyResult.from_json(stored, key="D7-0a1b2c3d").key == "D7-0a1b2c3d"
+    with pytest.raises(ValueError, match="not a stored study result"):
+        StudyResult.from_json('{"findings": []}', key="D1")
+    with pytest.raises(ValueError, match="unexpected fields"):
+        StudyResult.from_json('{"patient_name": "X"}', key="D1")

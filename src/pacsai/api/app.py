@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from pacsai import __version__
-from pacsai.api import audit, jobs, studies, tokens, worklist
+from pacsai.api import audit, jobs, retrievals, studies, tokens, worklist
 from pacsai.api._context import ApiContext, Notify, QueueProbe
 from pacsai.api.console import install_console
 from pacsai.api.health import health_router
@@ -29,8 +29,9 @@ _DESCRIPTION = """\
 What pacsai received, what its models found and where the results went, for worklists, RIS
 and monitoring. Authenticate with `Authorization: Bearer <token>` (`pacsai token create`).
 Roles: viewer (studies, jobs, worklist results) < auditor (also the audit trail) < admin (also
-retries and tokens). Errors are RFC 9457 problem details (`application/problem+json`). Every
-read of patient data is recorded in the audit trail under `api:<token name>`.
+retries, tokens and retrieving studies from a PACS). Errors are RFC 9457 problem details
+(`application/problem+json`). Every read of patient data is recorded in the audit trail under
+`api:<token name>`.
 """
 
 
@@ -94,6 +95,7 @@ def create_app(
         health_router(settings.api.open_health),
         metrics_router(settings.api.open_metrics),
         audit.router,
+        retrievals.router,
     ]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)

@@ -28,10 +28,11 @@ from pacsai.api._params import (
 )
 from pacsai.api.auth import Principal, require_role
 from pacsai.api.problems import ApiProblem, problem_responses
-from pacsai.config import PriorityRule, Route
+from pacsai.config import Route
 from pacsai.db import Job, JobStatus, Study
 from pacsai.operations._audit import record_list
 from pacsai.operations._paging import decode_cursor, encode_cursor
+from pacsai.operations.priority import priority_reasons
 from pacsai.operations.results import Finding, ResultOut
 from pacsai.operations.studies import results_of
 
@@ -79,42 +80,6 @@ class WorklistPage(BaseModel):
 
     items: list[WorklistStudy]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: last")
-
-
-def _rule_reason(rule: PriorityRule, finding: Finding) -> str | None:
-    if finding.label.casefold() != rule.finding.casefold():
-        return None
-    if finding.probability is not None:
-        threshold = 0.5 if rule.min_probability is None else rule.min_probability
-        if finding.probability >= threshold:
-            return f"{finding.label} probability {finding.probability:.2f} >= {threshold:g}"
-        return None
-    if finding.volume_ml is None:
-        return None
-    if rule.min_volume_ml is None:
-        return f"{finding.label} present ({finding.volume_ml:.1f} ml)"
-    if finding.volume_ml >= rule.min_volume_ml:
-        return f"{finding.label} {finding.volume_ml:.1f} ml >= {rule.min_volume_ml:g} ml"
-    return None
-
-
-def priority_reasons(results: list[ResultOut], routes: dict[str, Route]) -> list[str]:
-    """Why the study is priority: ``route: reason`` for every rule that holds (empty: it is not).
-
-    A result is judged by the rules of the route it came from; routes are looked up by name in
-    the configuration (the default routes made when none are configured have no rules).
-    """
-    reasons: list[str] = []
-    for result in results:
-        route = routes.get(result.route)
-        if route is None:
-            continue
-        for rule in route.priority or []:
-            for finding in result.findings:
-                reason = _rule_reason(rule, finding)
-                if reason is not None:
-                    reasons.append(f"{route.name}: {reason}")
-    return list(dict.fromkeys(reasons))
 
 
 def _shown_jobs(session: Session, study_ids: list[int]) -> dict[int, Job]:

@@ -34,7 +34,9 @@ def _row(item: JobListItem) -> list[str]:
         for obj in result.objects:
             counts[obj.kind] = counts.get(obj.kind, 0) + 1
     deliveries = [
-        f"{d.destination}:{d.status.value}"
+        d.destination
+        + ("" if d.kind == "dicom" else f" ({d.kind})")
+        + f":{d.status.value}"
         + (f" ({d.last_error[:60]})" if d.last_error and d.status.value != "SENT" else "")
         for d in item.deliveries
     ]

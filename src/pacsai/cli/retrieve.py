@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from pacsai.cli._common import cli_actor, config_option, friendly, load, main, open_database
+from pacsai.cli._common import cli_caller, config_option, friendly, load, main, open_database
 
 if TYPE_CHECKING:
+    from pacsai.operations.retrievals import StudyProgress
     from pacsai.retrieve import FoundStudy, StudyRetrieval
 
 
@@ -70,68 +71,36 @@ def retrieve(
     """Find studies on a PACS and retrieve them into pacsai, where they are processed.
 
     With C-MOVE (the default) the PACS sends the studies to this node's AE title, so it must
-    know it (AE title, host and port) and `pacsai serve` must be running to receive them.
+    know it (AE title, host and port) and `pacsai serve` must be running to receive them. The
+    retrieval is recorded like one started with POST /api/v1/retrieve (and listed there).
     """
-    from pacsai.retrieve import (
-        StudyQuery,
-        audit_retrieval,
-        find_studies,
-        resolve_source,
-        retrieve_studies,
-    )
+    from pacsai.db import RetrievalStatus
+    from pacsai.operations import InvalidRequestError
+    from pacsai.operations.retrievals import RetrieveRequest, run_retrieval, start_retrieval
 
     settings = load(config_path)
-    name, source = resolve_source(settings, source_name)
-    if use_get:
-        source = source.model_copy(update={"retrieve": "get"})
     try:
-        query = StudyQuery(
-            accession_number=accession,
-            study_instance_uid=study_uid,
+        request = RetrieveRequest(
+            source=source_name,
+            accession=accession,
+            study_uid=study_uid,
             patient_id=patient_id,
             since=_date(since),
             until=_date(until),
-            modality=modality.upper() if modality else None,
+            modality=modality,
+            method="get" if use_get else None,
+            move_to=move_to,
+            dry_run=dry_run,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    calling = settings.node.ae_title
-    found = find_studies(source, query, calling_ae_title=calling)
+    caller = cli_caller("retrieve")
     database = open_database(settings)
     try:
-        if not found:
-            audit_retrieval(
-                database,
-                actor=cli_actor(),
-                source_name=name,
-                source=source,
-                query=query,
-                found=found,
-                retrievals=[],
-            )
-            click.echo(f"pacsai: nothing found on {name} for {query.describe()}", err=True)
-            sys.exit(1)
-        _show(found, name)
-        if dry_run:
-            audit_retrieval(
-                database,
-                actor=cli_actor(),
-                source_name=name,
-                source=source,
-                query=query,
-                found=found,
-                retrievals=[],
-            )
-            return
-        instances = None
-        if source.retrieve == "get":
-            from pacsai.scp import InstanceStore, Spool
-
-            spool = Spool(
-                settings.storage.spool_dir,
-                min_free_bytes=settings.storage.min_free_mb * 2**20,
-            )
-            instances = InstanceStore(database=database, spool=spool)
+        try:
+            started = start_retrieval(database, settings, caller, request, any_address=True)
+        except InvalidRequestError as exc:
+            raise click.UsageError(str(exc)) from exc
         console = Console(stderr=True)
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -154,28 +123,24 @@ def retrieve(
                     tasks[uid], completed=done, total=total or None, failed=retrieval.failed
                 )
 
-            results = retrieve_studies(
-                source,
-                found,
-                calling_ae_title=calling,
-                move_destination=move_to or settings.node.ae_title,
-                instances=instances,
-                quiet_seconds=settings.node.study_quiet_seconds,
+            outcome = run_retrieval(
+                database,
+                settings,
+                caller,
+                started.id,
+                request,
+                on_found=lambda found: _show(found, started.source),
                 on_progress=advance,
             )
-        audit_retrieval(
-            database,
-            actor=cli_actor(),
-            source_name=name,
-            source=source,
-            query=query,
-            found=found,
-            retrievals=results,
-        )
     finally:
         database.dispose()
-    _report(results)
-    if not all(r.succeeded for r in results):
+    if outcome.found is None or outcome.found == 0:
+        click.echo(f"pacsai: {outcome.error}", err=True)
+        sys.exit(1)
+    if request.dry_run:
+        return
+    _report(outcome.studies)
+    if outcome.status is not RetrievalStatus.SUCCEEDED:
         sys.exit(1)
 
 
@@ -195,19 +160,17 @@ def _show(found: list[FoundStudy], name: str) -> None:
     Console().print(table)
 
 
-def _report(results: list[StudyRetrieval]) -> None:
+def _report(studies: list[StudyProgress]) -> None:
     ok = 0
-    for retrieval in results:
-        label = retrieval.study.accession_number or retrieval.study.study_instance_uid
-        if retrieval.succeeded:
+    for study in studies:
+        label = study.accession_number or study.study_instance_uid
+        if study.state == "retrieved":
             ok += 1
-            click.echo(
-                f"retrieved {label}: {retrieval.completed} instances ({retrieval.status_text})"
-            )
+            click.echo(f"retrieved {label}: {study.completed} instances ({study.dimse_status})")
         else:
             click.echo(
-                f"failed {label}: {retrieval.status_text}; {retrieval.completed} completed, "
-                f"{retrieval.failed} failed, {retrieval.warning} warnings",
+                f"failed {label}: {study.error}; {study.completed} completed, "
+                f"{study.failed} failed, {study.warning} warnings",
                 err=True,
             )
-    click.echo(f"{ok} of {len(results)} studies retrieved")
+    click.echo(f"{ok} of {len(studies)} studies retrieved")

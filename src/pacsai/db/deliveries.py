@@ -1,6 +1,9 @@
 """Repository functions for result objects and their deliveries (durable, retried, leased).
 
 States (DESIGN.md): PENDING -> SENT, or RETRYING with backoff -> FAILED after the last attempt.
+A DICOM delivery sends the objects of one result (:func:`queue_deliveries`); a delivery of
+another kind (HL7, FHIR, webhook, e-mail) sends one message about a whole job, built from the
+study result stored with it when the job finished (:func:`queue_job_messages`).
 A worker leases a due delivery (``lease_owner``, ``claimed_until``) while it sends and renews
 the lease, so that workers in several threads or processes never send it twice. Each object the
 destination acknowledges is committed at once (:func:`acknowledge_objects`), so that after a
@@ -11,7 +14,9 @@ one object may have reached the destination unacknowledged (:attr:`DeliveryClaim
 
 from __future__ import annotations
 
+import json
 import random
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,6 +47,7 @@ __all__ = [
     "claim_delivery",
     "delivery_context",
     "queue_deliveries",
+    "queue_job_messages",
     "record_attempt",
     "release_lost_deliveries",
     "renew_delivery_leases",
@@ -87,6 +93,9 @@ def queue_deliveries(
     no new delivery: a re-run, or a run after a lost worker, never sends the same result twice.
     """
     ids = []
+    job_id = session.scalar(select(Result.job_id).where(Result.id == result_id))
+    if job_id is None:
+        raise LookupError(f"result {result_id} does not exist")
     for destination, kinds in targets:
         uids = set(
             session.scalars(
@@ -100,7 +109,9 @@ def queue_deliveries(
         if not resend and _already_covered(session, destination, uids, result_id):
             continue
         delivery = Delivery(
+            job_id=job_id,
             result_id=result_id,
+            kind="dicom",
             destination=destination,
             kinds=",".join(kinds),
             status=DeliveryStatus.PENDING,
@@ -130,6 +141,69 @@ def _already_covered(session: Session, destination: str, uids: set[str], result_
     for delivery_id, uid in sent:
         by_delivery.setdefault(delivery_id, set()).add(uid)
     return any(found == uids for found in by_delivery.values())
+
+
+def queue_job_messages(
+    *,
+    session: Session,
+    job_id: int,
+    targets: Sequence[tuple[str, str]],
+    payload: str,
+    now: datetime,
+    resend: bool = False,
+) -> list[int]:
+    """Create one PENDING delivery per (destination, kind) carrying ``payload`` about ``job_id``
+    (a study result as JSON, the same on every attempt), each with its own message key.
+
+    Unless ``resend``, a destination that already has this very payload about the same study
+    (sent, or still to be sent: a re-run that found the same) gets no new delivery.
+    """
+    study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
+    if study_id is None:
+        raise LookupError(f"job {job_id} does not exist")
+    ids = []
+    for destination, kind in targets:
+        if not resend and _message_covered(session, study_id, destination, kind, payload):
+            continue
+        delivery = Delivery(
+            job_id=job_id,
+            result_id=None,
+            kind=kind,
+            destination=destination,
+            kinds="",
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            payload=payload,
+            created_at=now,
+        )
+        session.add(delivery)
+        session.flush()
+        # The key receivers see: unique per delivery (and, by its random part, across nodes
+        # whose ids collide), the same on every attempt.
+        delivery.message_key = f"D{delivery.id}-{secrets.token_hex(4)}"[:20]
+        ids.append(delivery.id)
+    session.flush()
+    return ids
+
+
+def _message_covered(
+    session: Session, study_id: int, destination: str, kind: str, payload: str
+) -> bool:
+    """Whether ``destination`` has (or will get) ``payload`` about the study already."""
+    found = session.scalar(
+        select(Delivery.id)
+        .join(Job, Job.id == Delivery.job_id)
+        .where(
+            Job.study_id == study_id,
+            Delivery.destination == destination,
+            Delivery.kind == kind,
+            Delivery.status != DeliveryStatus.FAILED,
+            Delivery.payload == payload,
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 @dataclass(frozen=True)
@@ -273,7 +347,11 @@ class DeliveryObject:
 
 @dataclass(frozen=True)
 class DeliveryContext:
-    """What sending one delivery needs."""
+    """What sending one delivery needs.
+
+    A DICOM delivery has ``result_id`` and ``objects``; a delivery of another kind has
+    ``message_key`` and ``payload`` (the study result, JSON) instead.
+    """
 
     delivery_id: int
     destination: str
@@ -287,6 +365,11 @@ class DeliveryContext:
     model_name: str
     model_version: str  # bundle version + the first 12 hex digits of the weights' SHA-256
     objects: tuple[DeliveryObject, ...] = ()
+    kind: str = "dicom"
+    result_id: int | None = None
+    message_key: str | None = None
+    payload: str | None = None
+    created_at: datetime | None = None
 
     @property
     def pending(self) -> tuple[DeliveryObject, ...]:
@@ -298,12 +381,37 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
     delivery = session.get(Delivery, delivery_id)
     if delivery is None:
         raise LookupError(f"delivery {delivery_id} does not exist")
-    result = session.get(Result, delivery.result_id)
-    assert result is not None
-    job = session.get(Job, result.job_id)
+    job = session.get(Job, delivery.job_id)
     assert job is not None
     study = session.get(Study, job.study_id)
     assert study is not None
+    sender_host = session.scalars(
+        select(Instance.remote_address)
+        .where(Instance.study_id == study.id)
+        .order_by(Instance.received_at.desc())
+        .limit(1)
+    ).first()
+    if delivery.result_id is None:
+        models = json.loads(delivery.payload or "{}").get("models", [])
+        return DeliveryContext(
+            delivery_id=delivery.id,
+            destination=delivery.destination,
+            files=(),
+            attempts=delivery.attempts,
+            job_id=job.id,
+            study_instance_uid=study.study_instance_uid,
+            patient_id=study.patient_id,
+            sender_ae_title=study.calling_ae_title,
+            sender_host=sender_host,
+            model_name=", ".join(str(m["name"]) for m in models)[:128],
+            model_version=", ".join(str(m["version"]) for m in models)[:128],
+            kind=delivery.kind,
+            message_key=delivery.message_key,
+            payload=delivery.payload,
+            created_at=delivery.created_at,
+        )
+    result = session.get(Result, delivery.result_id)
+    assert result is not None
     kinds = delivery.kinds.split(",")
     rows = session.scalars(
         select(ResultObject)
@@ -328,12 +436,6 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
         )
         for row in rows
     )
-    sender_host = session.scalars(
-        select(Instance.remote_address)
-        .where(Instance.study_id == study.id)
-        .order_by(Instance.received_at.desc())
-        .limit(1)
-    ).first()
     return DeliveryContext(
         delivery_id=delivery.id,
         destination=delivery.destination,
@@ -347,6 +449,9 @@ def delivery_context(*, session: Session, delivery_id: int) -> DeliveryContext:
         model_name=result.model_name,
         model_version=f"{result.model_version}+{result.weights_sha256[:12]}",
         objects=objects,
+        kind=delivery.kind,
+        result_id=result.id,
+        created_at=delivery.created_at,
     )
 
 
@@ -408,9 +513,7 @@ def retry_failed_deliveries(
     """Put FAILED deliveries (of ``job_ids``, or all) back to PENDING with a fresh attempt count."""
     query = update(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
     if job_ids is not None:
-        query = query.where(
-            Delivery.result_id.in_(select(Result.id).where(Result.job_id.in_(job_ids)))
-        )
+        query = query.where(Delivery.job_id.in_(list(job_ids)))
     result = session.execute(
         query.values(
             status=DeliveryStatus.PENDING,

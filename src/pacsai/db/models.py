@@ -46,6 +46,8 @@ __all__ = [
     "Result",
     "ResultKind",
     "ResultObject",
+    "Retrieval",
+    "RetrievalStatus",
     "Series",
     "Study",
     "StudyExpectation",
@@ -317,7 +319,17 @@ class ResultObject(Base):
 
 
 class Delivery(Base):
-    """One result sent to one destination: durable, retried with backoff, then FAILED.
+    """One delivery to one destination: durable, retried with backoff, then FAILED.
+
+    ``kind`` is the destination's kind. A ``dicom`` delivery sends the objects of one result
+    (``result_id``; ``kinds`` says which: SEG, SR, OVERLAY). The other kinds send one message
+    per finished job (``result_id`` is null): ``hl7`` an ORU^R01, ``fhir`` a transaction
+    Bundle, ``webhook`` and ``email`` an alert for a priority finding. Their ``payload`` is
+    the study result as it stood when the job finished (JSON of
+    :class:`pacsai.reporting.study_result.StudyResult` without its key; no patient name), and
+    ``message_key`` is the key every attempt sends it under (HL7 MSH-10, the FHIR resources'
+    identifiers, ``X-Pacsai-Delivery``, the e-mail's Message-ID), so that a receiver can tell
+    a repeat from a new message.
 
     A worker holds a delivery while sending it by setting ``claimed_until`` (a lease), so that
     several workers never send it twice and a crashed worker's claim runs out.
@@ -327,7 +339,9 @@ class Delivery(Base):
     __table_args__ = (Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="dicom")  # dicom|hl7|fhir|webhook|email
     destination: Mapped[str] = mapped_column(String(64))
     kinds: Mapped[str] = mapped_column(String(64))  # object kinds to send, e.g. "SEG,SR"
     status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_status"))
@@ -342,10 +356,12 @@ class Delivery(Base):
     # The SEG type the destination received, negotiated when sent: LABELMAP where it accepts
     # the Label Map Segmentation SOP Class, else BINARY; None when no SEG was sent.
     seg_type: Mapped[str | None] = mapped_column(String(16))
+    message_key: Mapped[str | None] = mapped_column(String(20))  # kinds other than dicom
+    payload: Mapped[str | None] = mapped_column(Text)  # kinds other than dicom: JSON
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
 
-    result: Mapped[Result] = relationship(back_populates="deliveries")
+    result: Mapped[Result | None] = relationship(back_populates="deliveries")
     acknowledged: Mapped[list[DeliveredObject]] = relationship(
         back_populates="delivery", order_by="DeliveredObject.id"
     )
@@ -523,3 +539,40 @@ class StudyExpectation(Base):
     updated_at: Mapped[datetime]
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
     met_at: Mapped[datetime | None]
+
+
+class RetrievalStatus(enum.StrEnum):
+    """Where a retrieval from a PACS stands."""
+
+    RUNNING = "RUNNING"  # querying the PACS, or retrieving the studies found
+    SUCCEEDED = "SUCCEEDED"  # every study found was retrieved (or only listed: a dry run)
+    FAILED = "FAILED"  # nothing found, the PACS could not be asked, or a study failed
+    INTERRUPTED = "INTERRUPTED"  # the process running it stopped before it ended
+
+
+class Retrieval(Base):
+    """One `pacsai retrieve` or ``POST /retrieve``: what was asked of which PACS, and how each
+    study found went (``studies``: JSON list, one object per study with its last counts and
+    final DIMSE status). ``host`` and ``pid`` name the process running it, so that one left
+    RUNNING by a stopped process is shown INTERRUPTED."""
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[RetrievalStatus] = mapped_column(
+        _enum(RetrievalStatus, "retrieval_status"), index=True
+    )
+    source: Mapped[str] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(8))  # move | get
+    criteria: Mapped[str] = mapped_column(Text)  # JSON object
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    actor: Mapped[str] = mapped_column(String(128))
+    remote_address: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    found: Mapped[int | None] = mapped_column(Integer)  # studies the C-FIND listed
+    studies: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]

@@ -142,7 +142,13 @@ def routes_for(settings: Settings, bundles: Callable[[], Iterable[BundleInfo]]) 
     ``bundles`` (called only then)."""
     if settings.routes is not None:
         return list(settings.routes)
-    return default_routes(bundles(), list(settings.dicom_destinations))
+    # Results go to every destination that takes them; alerts need a route's priority rule.
+    takers = [
+        name
+        for name, destination in settings.destinations.items()
+        if destination.kind in ("dicom", "hl7", "fhir")
+    ]
+    return default_routes(bundles(), takers)
 
 
 def default_routes(bundles: Iterable[BundleInfo], destinations: Sequence[str]) -> list[Route]:

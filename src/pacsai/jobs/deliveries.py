@@ -1,13 +1,21 @@
 """Delivery workers: send due deliveries, retry transient failures with backoff, audit each try.
 
-A delivery is sent under a lease of its worker (renewed by the worker's heartbeat). Each object
-the destination accepts is recorded at once, so an attempt after a lost worker sends only what
-was not acknowledged, and first asks the destination for the object that may have arrived
-unacknowledged (:mod:`pacsai.jobs.presence`).
+A delivery is sent under a lease of its worker (renewed by the worker's heartbeat). What is sent
+depends on the delivery's kind, through one sender per kind and nothing else:
 
-Each attempt is audited as an Export (110106) naming the destination, with the model name and
-version of the result; a delivery that ends FAILED stays visible with its last error until an
-admin retries it (``pacsai jobs retry``).
+- ``dicom``: the objects of one result. Each object the destination accepts is recorded at
+  once, so an attempt after a lost worker sends only what was not acknowledged, and first asks
+  the destination for the object that may have arrived unacknowledged
+  (:mod:`pacsai.jobs.presence`).
+- ``hl7``, ``fhir``, ``webhook``, ``email``: one message about a finished job, built from the
+  study result stored with the delivery and sent by the kind's channel
+  (:data:`pacsai.reporting.channels.CHANNELS`) under the delivery's message key. After a lost
+  worker the message goes again under the same key, byte for byte: the receiver may see it
+  twice, and knows it for the same message (see :mod:`pacsai.reporting.channels`).
+
+Each attempt is audited as an Export (110106) naming the destination and its kind, with the
+model name and version of the result; a delivery that ends FAILED stays visible with its last
+error until an admin retries it (``pacsai jobs retry``).
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pacsai.config import Settings
+from pacsai.config import Destination, ResultDestination, Settings
 from pacsai.db import AuditAction, AuditEventId, AuditOutcome, Database, append_event, utcnow
 from pacsai.db.deliveries import (
     DeliveryClaim,
@@ -38,6 +48,7 @@ from pacsai.errors import LeaseLostError, PacsaiError
 from pacsai.jobs._polling import PollingWorkers
 from pacsai.jobs.heartbeat import HeldLeases
 from pacsai.jobs.presence import held_by_destination
+from pacsai.reporting.channels import CHANNELS
 from pacsai.reporting.delivery import (
     DeliveryFailure,
     DeliveryReceipt,
@@ -46,11 +57,31 @@ from pacsai.reporting.delivery import (
     send,
     tls_context,
 )
+from pacsai.reporting.study_result import StudyResult
 from pacsai.storage import FileStore, SharedDirectory
 
 __all__ = ["DeliveryWorkers"]
 
 log = logging.getLogger(__name__)
+
+_INTERRUPTED = (
+    "the previous attempt's worker was lost while sending: the receiver may get this message "
+    "a second time, under the same key"
+)
+
+
+@dataclass
+class _Sent:
+    """How one attempt went: the error (``None``: sent), whether another attempt could pass,
+    and what its audit event records."""
+
+    error: str | None = None
+    permanent: bool = False
+    seg_type: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+_Sender = Callable[[DeliveryClaim, DeliveryContext, ResultDestination], _Sent]
 
 
 class DeliveryWorkers(PollingWorkers):
@@ -75,6 +106,11 @@ class DeliveryWorkers(PollingWorkers):
         self.held = held or HeldLeases()
         self.results: FileStore = SharedDirectory(settings.storage.results_dir)
         self._rng = random.Random()
+        # One sender per delivery kind: the objects of a result, or a message about a job.
+        self._senders: dict[str, _Sender] = {
+            "dicom": self._send_objects,
+            **{kind: self._send_message for kind in CHANNELS},
+        }
 
     def drain(self) -> int:
         """Attempt every delivery that is due now, in this thread; the number attempted."""
@@ -123,29 +159,21 @@ class DeliveryWorkers(PollingWorkers):
         delivery_id = claim.delivery_id
         with self.database.reading() as session:
             context = delivery_context(session=session, delivery_id=delivery_id)
-        destination = self.settings.dicom_destinations.get(context.destination)
-        error: str | None = None
-        permanent = False
-        receipt: DeliveryReceipt | None = None
-        found: dict[str, Any] = {}
-        pending = list(context.pending)
+        destination = self.settings.destinations.get(context.destination)
         start = time.perf_counter()
+        sender = self._senders.get(context.kind)
         if destination is None:
-            error, permanent = f"destination {context.destination!r} is no longer configured", True
-        else:
-            peer = Peer.resolve(
-                context.destination,
-                destination,
-                sender_ae=context.sender_ae_title,
-                sender_host=context.sender_host,
+            sent = _Sent(f"destination {context.destination!r} is no longer configured", True)
+        elif destination.kind != context.kind:
+            sent = _Sent(
+                f"destination {context.destination!r} is now of kind {destination.kind}, not "
+                f"{context.kind}: this delivery cannot go to it",
+                True,
             )
-            try:
-                if claim.interrupted and pending:
-                    pending, found = self._already_there(claim, context, peer, pending)
-                if pending:
-                    receipt = self._send(claim, peer, pending, stow=bool(destination.stow_url))
-            except DeliveryFailure as exc:
-                error, permanent = str(exc), exc.permanent
+        elif sender is None:
+            sent = _Sent(f"this version cannot send deliveries of kind {context.kind!r}", True)
+        else:
+            sent = sender(claim, context, destination)
         seconds = time.perf_counter() - start
         max_attempts = destination.max_attempts if destination else 1
         backoff = (
@@ -163,26 +191,81 @@ class DeliveryWorkers(PollingWorkers):
                 session=session,
                 delivery_id=delivery_id,
                 now=utcnow(),
-                error=error,
-                permanent=permanent,
+                error=sent.error,
+                permanent=sent.permanent,
                 max_attempts=max_attempts,
                 backoff=backoff,
                 seconds=seconds,
-                seg_type=receipt.seg_type if receipt else None,
+                seg_type=sent.seg_type,
                 owner=claim.owner,
             )
-            self._audit(session, context, status, error, receipt, len(pending), found)
-        level = logging.INFO if error is None else logging.WARNING
+            self._audit(session, context, status, sent)
+        level = logging.INFO if sent.error is None else logging.WARNING
         log.log(
             level,
-            "delivery %d to %s: %s%s",
+            "delivery %d (%s) to %s: %s%s",
             delivery_id,
+            context.kind,
             context.destination,
             status.value,
-            f" ({error})" if error else "",
+            f" ({sent.error})" if sent.error else "",
             extra={"action": "delivery", "delivery_id": delivery_id, "status": status.value},
         )
         return status
+
+    def _send_objects(
+        self, claim: DeliveryClaim, context: DeliveryContext, destination: ResultDestination
+    ) -> _Sent:
+        """A DICOM delivery: the result's objects not acknowledged yet (C-STORE or STOW-RS)."""
+        if not isinstance(destination, Destination):
+            return _Sent(f"destination {context.destination!r} is not a DICOM destination", True)
+        pending = list(context.pending)
+        found: dict[str, Any] = {}
+        receipt: DeliveryReceipt | None = None
+        sent = _Sent()
+        peer = Peer.resolve(
+            context.destination,
+            destination,
+            sender_ae=context.sender_ae_title,
+            sender_host=context.sender_host,
+        )
+        try:
+            if claim.interrupted and pending:
+                pending, found = self._already_there(claim, context, peer, pending)
+            if pending:
+                receipt = self._send(claim, peer, pending, stow=bool(destination.stow_url))
+        except DeliveryFailure as exc:
+            sent = _Sent(str(exc), exc.permanent)
+        sent.seg_type = receipt.seg_type if receipt else None
+        sent.detail = {
+            "objects": len(context.files),
+            "attempted": len(pending),
+            "seg_type": sent.seg_type,
+            "sop_instance_uids": [o.sop_instance_uid for o in receipt.objects] if receipt else [],
+            **found,
+        }
+        return sent
+
+    def _send_message(
+        self, claim: DeliveryClaim, context: DeliveryContext, destination: ResultDestination
+    ) -> _Sent:
+        """A delivery of a message about a job, through the channel of its kind."""
+        detail: dict[str, Any] = {"message_key": context.message_key}
+        if claim.interrupted:
+            detail["interrupted"] = _INTERRUPTED
+        try:
+            result = StudyResult.from_json(context.payload or "", key=context.message_key or "")
+        except ValueError as exc:
+            return _Sent(f"the stored study result cannot be read: {exc}", True, detail=detail)
+        try:
+            receipt = CHANNELS[context.kind].send(
+                result, destination, now=context.created_at or utcnow()
+            )
+        except DeliveryFailure as exc:
+            return _Sent(str(exc), exc.permanent, detail=detail)
+        except ValueError as exc:  # an alert of a result that is not priority
+            return _Sent(f"not sent: {exc}", True, detail=detail)
+        return _Sent(detail={**detail, "answer": receipt.summary, **receipt.detail})
 
     def _already_there(
         self,
@@ -257,34 +340,26 @@ class DeliveryWorkers(PollingWorkers):
         session: Session,
         context: DeliveryContext,
         status: DeliveryStatus,
-        error: str | None,
-        receipt: DeliveryReceipt | None,
-        sent: int,
-        found: dict[str, Any],
+        sent: _Sent,
     ) -> None:
         append_event(
             session=session,
             event_id=AuditEventId.EXPORT,
             action=AuditAction.READ,
-            outcome=AuditOutcome.SUCCESS if error is None else AuditOutcome.SERIOUS_FAILURE,
+            outcome=AuditOutcome.SUCCESS if sent.error is None else AuditOutcome.SERIOUS_FAILURE,
             actor=self.settings.node.ae_title,
             study_instance_uid=context.study_instance_uid,
             patient_id=context.patient_id,
-            model_name=context.model_name,
-            model_version=context.model_version,
+            model_name=context.model_name or None,
+            model_version=context.model_version or None,
             detail={
                 "delivery_id": context.delivery_id,
                 "job_id": context.job_id,
                 "destination": context.destination,
-                "objects": len(context.files),
-                "attempted": sent,
+                "kind": context.kind,
                 "worker": self.owner,
                 "status": status.value,
-                "error": error,
-                "seg_type": receipt.seg_type if receipt else None,
-                "sop_instance_uids": [o.sop_instance_uid for o in receipt.objects]
-                if receipt
-                else [],
-                **found,
+                "error": sent.error,
+                **sent.detail,
             },
         )

@@ -33,7 +33,7 @@ from pacsai.db import (
     append_event,
     utcnow,
 )
-from pacsai.db.deliveries import add_objects, queue_deliveries
+from pacsai.db.deliveries import add_objects, queue_deliveries, queue_job_messages
 from pacsai.db.jobs import (
     JobContext,
     JobLease,
@@ -55,6 +55,7 @@ from pacsai.inference.labels import label_voxel_counts
 from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import PlannedRun, plan_study, read_study, routes_for
 from pacsai.inference.volume import Volume, load_datasets, read_series
+from pacsai.jobs.study_messages import StudyMessages, describe_targets, plan_study_messages
 from pacsai.storage import FileStore, SharedDirectory
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %d failed unexpectedly", job_id)
             outcome.reason = f"internal error: {type(exc).__name__}: {exc}"
+        messages = self._study_messages(context, outcome)
+        queued: list[int] = []
         try:
             with self.database.transaction() as session:
                 finish_job(
@@ -184,11 +187,32 @@ class JobRunner:
                     timings=outcome.timings,
                     lease=lease,
                 )
+                if messages is not None:
+                    # In the transaction of the job's end: a finished job has its messages.
+                    queued = queue_job_messages(
+                        session=session,
+                        job_id=job_id,
+                        targets=messages.targets,
+                        payload=messages.payload,
+                        now=utcnow(),
+                        resend=context.resend,
+                    )
                 if outcome.status != JobStatus.SUCCEEDED:
                     self._audit(session, context, outcome)
         except LeaseLostError as exc:
             log.warning("%s; its end is not recorded", exc)
             return None
+        if queued:
+            assert messages is not None
+            log.info(
+                "job %d: study result%s queued for %s",
+                job_id,
+                " (priority)" if messages.result.priority else "",
+                describe_targets(messages.targets),
+                extra={"action": "messages_queued", "job_id": job_id},
+            )
+            if self.on_delivery_queued is not None:
+                self.on_delivery_queued()
         log.info(
             "job %d %s%s",
             job_id,
@@ -197,6 +221,27 @@ class JobRunner:
             extra={"action": "job_finished", "job_id": job_id, "status": outcome.status.value},
         )
         return outcome
+
+    def _study_messages(self, context: JobContext, outcome: JobOutcome) -> StudyMessages | None:
+        """The study result this run sends to the RIS and as alerts, and to whom (``None``:
+        nobody); a result that cannot be built is noted in the job's reason instead."""
+        if outcome.status != JobStatus.SUCCEEDED or not outcome.result_ids:
+            return None
+        try:
+            with self.database.reading() as session:
+                return plan_study_messages(
+                    session,
+                    self.settings,
+                    self.spool,
+                    job_id=context.job_id,
+                    result_ids=outcome.result_ids,
+                    routes={route.name: route for route in self.routes},
+                )
+        except ValueError as exc:
+            log.error("job %d: its study result cannot be sent: %s", context.job_id, exc)
+            note = f"study result not sent to the RIS or as an alert: {_short(exc)}"
+            outcome.reason = f"{outcome.reason}; {note}" if outcome.reason else note
+            return None
 
     def _run(self, context: JobContext, lease: JobLease) -> JobOutcome:
         outcome = JobOutcome(JobStatus.SUCCEEDED)
@@ -375,8 +420,9 @@ class JobRunner:
 
         route = run.route
         destinations = self.settings.dicom_destinations
+        dicom = [name for name in route.send_to if name in destinations]  # the others: messages
         outputs = list(route.outputs)
-        if any(destinations[name].overlay for name in route.send_to) and "overlay" not in outputs:
+        if any(destinations[name].overlay for name in dicom) and "overlay" not in outputs:
             outputs.append("overlay")
         objects = write_result_objects(
             results_dir=self.results_dir,
@@ -393,7 +439,7 @@ class JobRunner:
             salt=context.uid_salt,
         )
         targets = []
-        for name in route.send_to:
+        for name in dicom:
             kinds = ["SEG", "SR"]
             if "overlay" in route.outputs or destinations[name].overlay:
                 kinds.append("OVERLAY")

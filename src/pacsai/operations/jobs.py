@@ -21,7 +21,6 @@ from pacsai.db import (
     DeliveryStatus,
     Job,
     JobStatus,
-    Result,
     Study,
     utcnow,
 )
@@ -117,12 +116,11 @@ def list_jobs(
         more = len(rows) > size
         rows = rows[:size]
         results, deliveries = results_of(session, [job.id for job, _ in rows])
-    job_of_result = {result.id: result.job_id for result in results}
     items = [
         JobListItem(
             **job_out(job, uid).model_dump(),
             results=[r for r in results if r.job_id == job.id],
-            deliveries=[d for d in deliveries if job_of_result.get(d.result_id) == job.id],
+            deliveries=[d for d in deliveries if d.job_id == job.id],
         )
         for job, uid in rows
     ]
@@ -199,8 +197,7 @@ def retry_job(
             raise ConflictError(f"job {job_id} is {job.status.value}; wait for it to finish")
         failed_delivery = session.scalar(
             select(Delivery.id)
-            .join(Result, Result.id == Delivery.result_id)
-            .where(Result.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
+            .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.FAILED)
             .limit(1)
         )
         again = flags.rerun or flags.new_uids

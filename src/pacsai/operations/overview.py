@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from pacsai.config import Settings
-from pacsai.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Result, Study, utcnow
+from pacsai.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study, utcnow
 from pacsai.operations.audit import LastVerification, last_verification
 from pacsai.operations.models import ModelStatus, model_statuses
 
@@ -66,6 +66,7 @@ class TroubledDelivery:
     attempts: int
     last_error: str | None
     next_attempt_at: datetime | None
+    kind: str = "dicom"  # of its destination: dicom, hl7, fhir, webhook, email
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,10 @@ def node_overview(
                 delivery.attempts,
                 delivery.last_error,
                 delivery.next_attempt_at if delivery.status == DeliveryStatus.RETRYING else None,
+                delivery.kind,
             )
             for delivery, job_id in session.execute(
-                select(Delivery, Result.job_id)
-                .join(Result, Result.id == Delivery.result_id)
+                select(Delivery, Delivery.job_id)
                 .where(Delivery.status.in_(troubled))
                 .order_by(Delivery.id.desc())
                 .limit(_SHOWN)

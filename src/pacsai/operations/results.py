@@ -66,12 +66,22 @@ class ResultOut(_Out):
 
 
 class DeliveryOut(_Out):
-    """One result sent (or being sent) to one destination."""
+    """One delivery to one destination: the objects of a result (kind ``dicom``), or one
+    message about the whole job (``hl7``, ``fhir``; ``webhook`` and ``email`` alerts)."""
 
     id: int
-    result_id: int
+    job_id: int
+    result_id: int | None = Field(description="The result whose objects it sends (dicom only)")
+    kind: str = Field(description="The destination's kind: dicom, hl7, fhir, webhook or email")
     destination: str
-    kinds: list[str]
+    kinds: list[str] = Field(description="The object kinds it sends (dicom only): SEG, SR...")
+    message_key: str | None = Field(
+        description="The key every attempt of a message is sent under (HL7 MSH-10, the FHIR "
+        "identifiers, X-Pacsai-Delivery, the e-mail's Message-ID); null for dicom"
+    )
+    priority: bool = Field(
+        default=False, description="The message says the study is priority (alerts always do)"
+    )
     status: DeliveryStatus
     attempts: int
     last_error: str | None
@@ -149,11 +159,21 @@ def result_out(result: Result, objects: list[ResultObject]) -> ResultOut:
 def delivery_out(delivery: Delivery) -> DeliveryOut:
     """The response body of a delivery row (the next attempt only while one is due)."""
     waiting = delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+    priority = False
+    if delivery.payload:
+        try:
+            priority = bool(json.loads(delivery.payload).get("priority"))
+        except (ValueError, AttributeError):
+            priority = False  # shown as it is; its sender reports the damage
     return DeliveryOut(
         id=delivery.id,
+        job_id=delivery.job_id,
         result_id=delivery.result_id,
+        kind=delivery.kind,
         destination=delivery.destination,
         kinds=[kind for kind in delivery.kinds.split(",") if kind],
+        message_key=delivery.message_key,
+        priority=priority,
         status=delivery.status,
         attempts=delivery.attempts,
         last_error=delivery.last_error,

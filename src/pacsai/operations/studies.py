@@ -240,8 +240,8 @@ def get_study(database: Database, caller: Caller, study_instance_uid: str) -> St
 def results_of(
     session: Session, job_ids: list[int], *, with_deliveries: bool = True
 ) -> tuple[list[ResultOut], list[DeliveryOut]]:
-    """The results of ``job_ids`` with their objects, and (unless not wanted) their deliveries,
-    in id order."""
+    """The results of ``job_ids`` with their objects, and (unless not wanted) their deliveries
+    (of the results' objects, and of the jobs' messages), in id order."""
     if not job_ids:
         return [], []
     results = list(
@@ -257,10 +257,10 @@ def results_of(
             .order_by(ResultObject.id)
         ):
             objects[obj.result_id].append(obj)
-    if result_ids and with_deliveries:
+    if with_deliveries:
         deliveries = list(
             session.scalars(
-                select(Delivery).where(Delivery.result_id.in_(result_ids)).order_by(Delivery.id)
+                select(Delivery).where(Delivery.job_id.in_(job_ids)).order_by(Delivery.id)
             )
         )
     return (

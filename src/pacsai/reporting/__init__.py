@@ -13,7 +13,11 @@
 - :mod:`pacsai.reporting.outputs` writes the objects of one result to disk, and
   :mod:`pacsai.reporting.delivery` sends them to a destination (C-STORE, DICOM TLS, STOW-RS),
   in the SEG type (:mod:`pacsai.reporting.variants`) and transfer syntax
-  (:mod:`pacsai.reporting.transfer`) the destination accepts.
+  (:mod:`pacsai.reporting.transfer`) the destination accepts;
+- a finished study's results for the RIS and alerts (:mod:`pacsai.reporting.study_result`):
+  HL7 ORU (:mod:`pacsai.reporting.hl7`), FHIR (:mod:`pacsai.reporting.fhir`), webhook and
+  e-mail (:mod:`pacsai.reporting.alerts`), one channel per destination kind
+  (:mod:`pacsai.reporting.channels`).
 """
 
 from __future__ import annotations

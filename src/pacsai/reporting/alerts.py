@@ -40,9 +40,11 @@ from pacsai.reporting.delivery import tls_context as tls_context
 from pacsai.reporting.study_result import Finding, StudyResult
 
 __all__ = [
+    "DELIVERY_HEADER",
     "SIGNATURE_HEADER",
     "Alert",
     "build_email",
+    "message_id",
     "send_email",
     "send_webhook",
     "sign",
@@ -51,6 +53,13 @@ __all__ = [
 
 SIGNATURE_HEADER = "X-Pacsai-Signature-256"
 DELIVERY_HEADER = "X-Pacsai-Delivery"
+
+
+def message_id(key: str, from_address: str) -> str:
+    """The e-mail Message-ID of the alert with ``key`` (the same on every attempt)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    domain = from_address.rsplit("@", 1)[-1] or "pacsai"
+    return f"<pacsai.{key}.{digest}@{domain}>"
 
 
 def _value(finding: Finding) -> str:
@@ -192,8 +201,8 @@ def sign(secret: str, body: bytes) -> str:
 
 def send_webhook(
     result: StudyResult, destination: WebhookDestination, *, now: datetime | None = None
-) -> None:
-    """POST the alert of ``result`` to ``destination.url``.
+) -> int:
+    """POST the alert of ``result`` to ``destination.url``; return the HTTP status (2xx).
 
     Raises
     ------
@@ -220,7 +229,7 @@ def send_webhook(
     except httpx.HTTPError as exc:
         raise DeliveryFailure(f"{where}: {type(exc).__name__}: {exc}", permanent=False) from exc
     if response.is_success:
-        return
+        return response.status_code
     transient = response.status_code >= 500 or response.status_code in (408, 429)
     raise DeliveryFailure(
         f"{where} answered HTTP {response.status_code}: {response.text[:300]}",
@@ -245,9 +254,7 @@ def build_email(
     message["From"] = destination.from_address
     message["To"] = ", ".join(destination.to)
     message["Date"] = format_datetime(now.astimezone(UTC))
-    digest = hashlib.sha256(alert.key.encode()).hexdigest()[:16]
-    domain = destination.from_address.rsplit("@", 1)[-1] or "pacsai"
-    message["Message-ID"] = f"<pacsai.{alert.key}.{digest}@{domain}>"
+    message["Message-ID"] = message_id(alert.key, destination.from_address)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies
     message.set_content("\n".join([alert.title, "", *alert.lines()]) + "\n")
     return message

@@ -8,11 +8,12 @@ there because a RIS files results by it (HL7 PID-3, FHIR ``subject``), and alert
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["Finding", "ModelRun", "ResultObjectRef", "StudyResult"]
 
@@ -142,3 +143,42 @@ class StudyResult:
     def objects_of(self, kind: Literal["SEG", "SR"]) -> tuple[ResultObjectRef, ...]:
         """The objects of one kind."""
         return tuple(o for o in self.objects if o.kind == kind)
+
+    def to_json(self) -> str:
+        """Everything but :attr:`key`, as canonical JSON (sorted keys): what a delivery stores
+        when its job finishes, and builds every attempt's message from with its own key."""
+        data = asdict(self)
+        del data["key"]
+        data["study_time"] = self.study_time.isoformat() if self.study_time else None
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, *, key: str) -> StudyResult:
+        """The result :meth:`to_json` wrote, under ``key``.
+
+        Raises
+        ------
+        ValueError
+            If ``text`` is not such a document, or what it holds does not make a result.
+        """
+        try:
+            data: dict[str, Any] = json.loads(text)
+            known = {f.name for f in fields(cls)} - {"key"}
+            if not isinstance(data, dict) or set(data) - known:
+                raise ValueError(f"unexpected fields {sorted(set(data) - known)}")
+            time = data.get("study_time")
+            return cls(
+                key=key,
+                study_instance_uid=data["study_instance_uid"],
+                accession_number=data.get("accession_number"),
+                patient_id=data.get("patient_id"),
+                study_time=datetime.fromisoformat(time) if time else None,
+                models=tuple(ModelRun(**m) for m in data.get("models", ())),
+                findings=tuple(Finding(**f) for f in data.get("findings", ())),
+                priority=bool(data.get("priority", False)),
+                priority_reasons=tuple(data.get("priority_reasons", ())),
+                objects=tuple(ResultObjectRef(**o) for o in data.get("objects", ())),
+                link=data.get("link"),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a stored study result: {exc!r}") from exc

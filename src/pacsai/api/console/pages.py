@@ -27,7 +27,6 @@ from pacsai.api.console._session import (
     set_cookie,
     signed_in,
 )
-from pacsai.api.worklist import priority_reasons
 from pacsai.db import (
     AuditAction,
     AuditEventId,
@@ -49,6 +48,7 @@ from pacsai.operations import models as model_operations
 from pacsai.operations import studies as study_operations
 from pacsai.operations import tokens as token_operations
 from pacsai.operations.overview import node_overview
+from pacsai.operations.priority import priority_reasons
 
 if TYPE_CHECKING:
     from pacsai.inference import ModelRegistry
