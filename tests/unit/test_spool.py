@@ -212,20 +212,43 @@ def test_a_failed_write_keeps_the_previous_version(
     assert _files(spool.root) == [spool.absolute(relative)]
 
 
-def test_clean_incoming_removes_leftover_part_files(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+def test_clean_incoming_removes_only_this_nodes_leftover_part_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, node_id="node-a")
     incoming = spool.root / ".incoming"
-    for name in ("a.part", "b.part", "c.part"):
+    mine = ["node-a+1f.part", "node-a+2e.part"]
+    # another node's in-flight writes on a shared spool, one whose id begins like ours, and a
+    # name from before temporary files carried the node: the sweep removes those once old
+    others = ["node-b+3d.part", "node-a.2+4c.part", "0123abcd.part"]
+    for name in mine + others:
         (incoming / name).write_bytes(b"partial")
     kept = spool.absolute(_relative(spool))
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"an acknowledged file")
 
-    assert spool.clean_incoming() == 3
+    assert spool.clean_incoming() == 2
 
-    assert list(incoming.iterdir()) == []
+    assert sorted(path.name for path in incoming.iterdir()) == sorted(others)
     assert kept.read_bytes() == b"an acknowledged file"
     assert spool.clean_incoming() == 0
+
+
+def test_temporary_files_carry_the_node_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, node_id="node-a")
+    seen: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        seen.append(Path(path).name)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(spool_module.os, "open", recording_open)
+    spool.write(_relative(spool), (b"x",))
+
+    assert (
+        [name for name in seen if name.endswith(".part")]
+        == [name for name in seen if re.fullmatch(r"node-a\+[0-9a-f]{32}\.part", name)]
+        != []
+    )
 
 
 def test_a_new_spool_on_an_old_directory_keeps_it(tmp_path: Path) -> None:
