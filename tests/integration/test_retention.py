@@ -476,3 +476,34 @@ def test_purge_command_dry_run_changes_nothing_then_purges_and_audits(
     assert refused.returncode == 2 and "--older-than" in refused.stderr
     bad_age = _pacsai(config, "studies", "purge", "--older-than", "a while")
     assert bad_age.returncode == 2 and "30d" in bad_age.stderr
+
+
+def test_the_sweep_removes_what_an_interrupted_purge_left(start_node: Callable[..., Node]) -> None:
+    """Files of a purged study written before its purge (their removal after the commit never
+    happened: a crash) are deleted by the sweep, not kept as orphans."""
+    from pacsai.scp import SpoolSweep
+    from pacsai.scp.sweep import ORPHANS
+
+    node = start_node(**_settings())
+    sent = Sent(generate_uid(), [])
+    sent.datasets = make_ct_series(2, study_uid=sent.uid)
+    _send(node, sent.datasets)
+    _complete(node, sent)
+    _finish(node, sent, JobStatus.SKIPPED)
+    kept = {path: path.read_bytes() for path in sent.spool_files}
+
+    report = purge_studies(node.database, node.settings, ADMIN, study_uids=[sent.uid])
+    assert [s.instances for s in report.removed] == [2]
+    for path, content in kept.items():  # as if the process had died right after the commit
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        os.utime(path, (utcnow().timestamp() - 3600,) * 2)
+    stray = sent.spool_files[0].parent / f"{generate_uid()}.0123456789abcdef.dcm"
+    stray.write_bytes(b"an orphan of before the purge, too")
+    os.utime(stray, (utcnow().timestamp() - 3600,) * 2)
+
+    swept = SpoolSweep(node.database, node.spool, actor="PACSAI").run_once()
+
+    assert swept.purged_removed == 3 and swept.orphans_moved == []
+    assert not any(path.exists() for path in [*sent.spool_files, stray])
+    assert not (node.spool.root / ORPHANS).exists()

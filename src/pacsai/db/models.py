@@ -152,6 +152,8 @@ class Study(Base):
     """A study as assembled from the instances received for it."""
 
     __tablename__ = "studies"
+    # Retention looks for the oldest COMPLETE studies first (migration 0011).
+    __table_args__ = (Index("ix_studies_status_last_received_at", "status", "last_received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)

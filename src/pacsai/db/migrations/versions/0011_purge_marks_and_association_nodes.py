@@ -1,4 +1,4 @@
-"""purged studies and results, the node of each association
+"""purged studies and results, the node of each association, studies by age
 
 Revision ID: 0011
 Revises: 0009
@@ -22,6 +22,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_associations_node_id"), ["node_id"], unique=False)
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.add_column(sa.Column("purged_at", sa.DateTime(), nullable=True))
+        batch_op.create_index(
+            "ix_studies_status_last_received_at", ["status", "last_received_at"], unique=False
+        )
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.add_column(sa.Column("purged_at", sa.DateTime(), nullable=True))
 
@@ -30,6 +33,7 @@ def downgrade() -> None:
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_column("purged_at")
     with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.drop_index("ix_studies_status_last_received_at")
         batch_op.drop_column("purged_at")
     with op.batch_alter_table("associations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_associations_node_id"))
