@@ -254,9 +254,9 @@ class Node:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
         if self.role != "api":
+            self.retention.stop()  # at most one study's purge: within the grace
             self.receiver.stop(grace)
             self.sweep.stop()
-            self.retention.stop()
         if self.orders is not None:
             self.orders.stop()
         for child in self._children:  # they stop as this process does: within grace + 4.5 s

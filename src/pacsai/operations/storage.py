@@ -314,10 +314,15 @@ def _kept(
 
 
 def apply_retention(
-    database: Database, settings: Settings, *, now: datetime | None = None
+    database: Database,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> PurgeReport:
     """Apply the age rules of ``storage.retention`` once (nothing when it is disabled or keeps
-    both instances and results); audited (110105) by the node's AE title."""
+    both instances and results); audited (110105) by the node's AE title. Stops after the study
+    being purged once ``stopping()`` (the rest is due at the next pass)."""
     retention = settings.storage.retention
     now = now or utcnow()
     rule = PurgeRule(
@@ -335,7 +340,10 @@ def apply_retention(
     if not retention.enabled or (rule.instances_before is None and rule.results_before is None):
         return PurgeReport(reason=reason)
     caller = Caller(settings.node.ae_title, None, {"by": "storage.retention"})
-    return PurgeReport(reason=reason, removed=_purge_all(database, settings, caller, rule, reason))
+    return PurgeReport(
+        reason=reason,
+        removed=_purge_all(database, settings, caller, rule, reason, enough=stopping),
+    )
 
 
 def reclaim_space(
@@ -347,6 +355,7 @@ def reclaim_space(
     seconds: float,
     results_count: bool = True,
     now: datetime | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> PurgeReport:
     """Remove the oldest finished studies until ``free_bytes()`` reaches ``target_bytes`` or
     ``seconds`` have passed: their instances first, then (``results_count``: the results share
@@ -363,7 +372,7 @@ def reclaim_space(
     caller = Caller(settings.node.ae_title, None, {"by": "storage.high_water_mb"})
 
     def enough() -> bool:
-        return free_bytes() >= target_bytes or time.monotonic() >= deadline
+        return stopping() or free_bytes() >= target_bytes or time.monotonic() >= deadline
 
     removed = _purge_all(
         database,

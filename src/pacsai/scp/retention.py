@@ -112,7 +112,8 @@ class RetentionMonitor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread (a study being purged is finished first)."""
+        """Stop the thread: a study being purged is finished first, the rest waits for the next
+        start. Receives may still reclaim space meanwhile."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -120,7 +121,10 @@ class RetentionMonitor:
 
     def run_once(self) -> PurgeReport | None:
         """Apply the age rules of ``storage.retention`` once (``None`` if that failed)."""
-        report = self._safely(lambda: apply_retention(self.database, self.settings), "retention")
+        report = self._safely(
+            lambda: apply_retention(self.database, self.settings, stopping=self._stop.is_set),
+            "retention",
+        )
         if report is not None and report.removed:
             log.info(
                 "retention removed the files of %d studies (%d MiB): %s",
@@ -141,7 +145,7 @@ class RetentionMonitor:
             watching = self.high_water and time.monotonic() >= self._idle_until
             if watching and self._free() < self.high_water:
                 with self._lock:
-                    self._reclaim(self.high_water, self.reclaim_seconds)
+                    self._reclaim(self.high_water, self.reclaim_seconds, stoppable=True)
             self._wake.wait(max(0.0, min(self.check_seconds, next_rules - time.monotonic())))
             self._wake.clear()
 
@@ -152,8 +156,11 @@ class RetentionMonitor:
             log.error("cannot read the free space of %s: %s", self.spool.root, exc.strerror)
             return self.high_water  # nothing to do until it can be read
 
-    def _reclaim(self, target: int, seconds: float) -> PurgeReport | None:
-        """One removal for space (the caller holds the lock)."""
+    def _reclaim(
+        self, target: int, seconds: float, *, stoppable: bool = False
+    ) -> PurgeReport | None:
+        """One removal for space (the caller holds the lock); the thread's passes end early
+        when the node stops, a receive's (``stoppable`` false) only at its deadline."""
         free = self._free()
 
         def action() -> PurgeReport:
@@ -164,6 +171,7 @@ class RetentionMonitor:
                 target_bytes=target,
                 seconds=seconds,
                 results_count=self._results_count,
+                stopping=self._stop.is_set if stoppable else lambda: False,
             )
 
         report = self._safely(action, "removing studies for space")
