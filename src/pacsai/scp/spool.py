@@ -41,7 +41,7 @@ class SpaceKeeper(Protocol):
 
     def reclaim(self, needed_bytes: int) -> bool:
         """Remove finished studies now, within a bounded time, until ``needed_bytes`` fit above
-        the minimum; whether anything was removed."""
+        the minimum; whether anything was removed (by this call, or by one it waited for)."""
 
 
 def _fsync_dir(path: Path) -> None:
