@@ -94,6 +94,7 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **sections: A
             "study_quiet_seconds": 1.0,
             "shutdown_grace_seconds": 5,
             "receiver_processes": 1,  # tests that want more ask (spawning costs seconds)
+            "state_dir": str(tmp_path / "state"),  # the node identity, not in the cwd
         },
         "storage": {
             "spool_dir": str(tmp_path / "spool"),

@@ -48,6 +48,7 @@ __all__ = [
     "PriorityRule",
     "QueueSettings",
     "ResultDestination",
+    "RetentionSettings",
     "Route",
     "SeriesRule",
     "Settings",
@@ -149,14 +150,59 @@ class NodeSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """What the node removes by age (``storage.retention``).
+
+    A study is removed only once it is finished: not RECEIVING, no job QUEUED or RUNNING, no
+    delivery PENDING or RETRYING (or leased), and no job or delivery FAILED within
+    ``failed_hold_days`` (a retry would need its files). Its rows stay, marked as purged, and
+    each removal is audited (110105 DICOM Study Deleted). Ages count from the study's last
+    instance or the last job of it to finish, whichever is later (results: from their job's end).
+    """
+
+    enabled: bool = True
+    # Received instances (spool files and their rows), days after the study's last activity;
+    # null: kept until `pacsai studies purge` or the high-water mark removes them.
+    instances_days: float | None = Field(default=7.0, gt=0)
+    # Result files (label maps, SEG, SR, overlays, previews), days after their job finished;
+    # null: kept. Findings stay in the database (API, worklist) after their files are gone.
+    results_days: float | None = Field(default=30.0, gt=0)
+    # A FAILED job or delivery keeps its study's files this long after its last attempt, so
+    # that `pacsai jobs retry` still works; the high-water mark respects it too.
+    failed_hold_days: float = Field(default=14.0, ge=0)
+    interval_minutes: float = Field(default=60.0, gt=0)  # how often the age rules are applied
+
+
 class StorageSettings(_Section):
-    """Where received instances are spooled."""
+    """Where received instances are spooled and results kept, and when they are removed."""
 
     spool_dir: Path = Path("./var/spool")
     results_dir: Path = Path("./var/results")
     min_free_mb: int = Field(default=1024, ge=0)
+    # Free space below which the oldest finished studies are removed (instances first, then
+    # results when they share the spool's filesystem), in the background and, when needed,
+    # before a C-STORE would be refused for min_free_mb. null: twice min_free_mb, at least
+    # min_free_mb + 1024; 0: never remove anything for space.
+    high_water_mb: int | None = Field(default=None, ge=0)
     # A larger data set is refused (0xA700) and not held in memory beyond this.
     max_instance_mb: int = Field(default=1024, ge=1)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+
+    @model_validator(mode="after")
+    def _high_water_above_minimum(self) -> StorageSettings:
+        if self.high_water_mb and self.high_water_mb <= self.min_free_mb:
+            raise ValueError(
+                f"high_water_mb ({self.high_water_mb}) must be above min_free_mb "
+                f"({self.min_free_mb}), or 0 to never remove studies for space"
+            )
+        return self
+
+    @property
+    def high_water_bytes(self) -> int:
+        """``high_water_mb`` resolved, in bytes (0: off)."""
+        if self.high_water_mb is None:
+            return max(2 * self.min_free_mb, self.min_free_mb + 1024) * 2**20
+        return self.high_water_mb * 2**20
 
 
 class DatabaseSettings(_Section):

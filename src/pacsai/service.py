@@ -32,9 +32,11 @@ from pacsai.db import (
 )
 from pacsai.db.repository import interrupt_open_associations
 from pacsai.errors import ConfigError, PacsaiError
+from pacsai.jobs.identity import node_id
 from pacsai.jobs.queue import JobQueue, make_queue
 from pacsai.scp import InstanceStore, Receiver, Spool, SpoolSweep, StudyCompletionMonitor
 from pacsai.scp.orders import OrderListener
+from pacsai.scp.retention import RetentionMonitor
 
 if TYPE_CHECKING:
     from pacsai.api import ApiServer
@@ -88,10 +90,12 @@ class Node:
         self.settings = settings
         self.role = role
         self.database = prepare_database(settings)
-        self.spool = Spool(
-            settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20
+        # The identity its associations, leases and temporary spool files carry.
+        self.node_id = node_id(settings.node) if role != "api" else None
+        self.spool = _spool(settings, self.node_id)
+        self.instances = InstanceStore(
+            database=self.database, spool=self.spool, node_id=self.node_id
         )
-        self.instances = InstanceStore(database=self.database, spool=self.spool)
         processes = settings.receiver_process_count()
         self.receiver = Receiver(  # started unless the role is api
             settings.node,
@@ -106,6 +110,10 @@ class Node:
             actor=settings.node.ae_title,
             in_flight=self.instances.in_flight,
         )
+        # Retention runs where the spool is written and 0xA700 is decided (scp.retention).
+        self.retention = RetentionMonitor(self.database, settings, self.spool)
+        if role != "api":
+            self.spool.space_keeper = self.retention
         self._children: list[BaseProcess] = []
         self.registry: ModelRegistry | None = None
         self.api: ApiServer | None = None
@@ -152,8 +160,11 @@ class Node:
         self.audit_forwarder = start_forwarding(self.settings, self.database.engine)
         if self.role != "api":
             leftovers = self.spool.clean_incoming()
+            assert self.node_id is not None
             with self.database.transaction() as session:
-                interrupted = interrupt_open_associations(session=session, now=utcnow())
+                interrupted = interrupt_open_associations(
+                    session=session, now=utcnow(), node_id=self.node_id
+                )
             if leftovers or interrupted:
                 log.warning(
                     "recovered from an unclean stop: %d unacknowledged partial files removed, "
@@ -165,6 +176,7 @@ class Node:
         if self.role != "api":
             self.receiver.start()
             self.sweep.start()  # at start-up, then hourly
+            self.retention.start()  # age rules at start-up, then every interval; free space
             self._start_children()
         if self.orders is not None:
             self.orders.start()
@@ -242,6 +254,7 @@ class Node:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
         if self.role != "api":
+            self.retention.stop()  # at most one study's purge: within the grace
             self.receiver.stop(grace)
             self.sweep.stop()
         if self.orders is not None:
@@ -282,6 +295,16 @@ class Node:
             self._children.append(child)
 
 
+def _spool(settings: Settings, node: str | None) -> Spool:
+    storage = settings.storage
+    return Spool(
+        storage.spool_dir,
+        min_free_bytes=storage.min_free_mb * 2**20,
+        node_id=node or "local",
+        high_water_bytes=storage.high_water_bytes,
+    )
+
+
 def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) -> None:
     """Entry point of an extra receiver process: receive until SIGTERM or the parent is gone.
 
@@ -296,10 +319,13 @@ def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) 
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     database = Database(settings.database.url, pool_size=settings.node.max_associations + 2)
-    spool = Spool(settings.storage.spool_dir, min_free_bytes=settings.storage.min_free_mb * 2**20)
+    node = node_id(settings.node)
+    spool = _spool(settings, node)
+    # Space is reclaimed here too before a refusal; the age rules run in the parent only.
+    spool.space_keeper = RetentionMonitor(database, settings, spool)
     receiver = Receiver(
         settings.node,
-        instances=InstanceStore(database=database, spool=spool),
+        instances=InstanceStore(database=database, spool=spool, node_id=node),
         reuse_port=True,
         share=processes,
         max_instance_bytes=settings.storage.max_instance_mb * 2**20,

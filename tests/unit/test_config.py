@@ -293,3 +293,27 @@ def test_serve_with_a_bad_port_exits_2_and_names_the_key(tmp_path: Path) -> None
     assert result.returncode == 2, result.stderr
     assert "node.port" in result.stderr
     assert "70000" in result.stderr
+
+
+def test_storage_retention_defaults_and_high_water_mark() -> None:
+    from pacsai.config import StorageSettings
+
+    storage = StorageSettings()
+    assert storage.retention.enabled is True
+    assert (storage.retention.instances_days, storage.retention.results_days) == (7.0, 30.0)
+    assert storage.retention.failed_hold_days == 14.0
+    assert storage.high_water_bytes == 2048 * 2**20  # twice min_free_mb (1024)
+    assert StorageSettings(min_free_mb=0).high_water_bytes == 1024 * 2**20
+    assert StorageSettings(min_free_mb=4096).high_water_bytes == 8192 * 2**20
+    assert StorageSettings(high_water_mb=0).high_water_bytes == 0  # never for space
+    assert StorageSettings(retention={"instances_days": None}).retention.instances_days is None
+
+
+def test_a_high_water_mark_at_or_below_the_minimum_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "pacsai.yaml"
+    config.write_text("storage:\n  min_free_mb: 1024\n  high_water_mb: 512\n")
+    with pytest.raises(ConfigError, match=r"high_water_mb .*must be above min_free_mb"):
+        load_settings(config)
+    config.write_text("storage:\n  retention:\n    instances_days: 0\n")
+    with pytest.raises(ConfigError, match=r"storage\.retention\.instances_days"):
+        load_settings(config)

@@ -212,20 +212,43 @@ def test_a_failed_write_keeps_the_previous_version(
     assert _files(spool.root) == [spool.absolute(relative)]
 
 
-def test_clean_incoming_removes_leftover_part_files(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+def test_clean_incoming_removes_only_this_nodes_leftover_part_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, node_id="node-a")
     incoming = spool.root / ".incoming"
-    for name in ("a.part", "b.part", "c.part"):
+    mine = ["node-a+1f.part", "node-a+2e.part"]
+    # another node's in-flight writes on a shared spool, one whose id begins like ours, and a
+    # name from before temporary files carried the node: the sweep removes those once old
+    others = ["node-b+3d.part", "node-a.2+4c.part", "0123abcd.part"]
+    for name in mine + others:
         (incoming / name).write_bytes(b"partial")
     kept = spool.absolute(_relative(spool))
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"an acknowledged file")
 
-    assert spool.clean_incoming() == 3
+    assert spool.clean_incoming() == 2
 
-    assert list(incoming.iterdir()) == []
+    assert sorted(path.name for path in incoming.iterdir()) == sorted(others)
     assert kept.read_bytes() == b"an acknowledged file"
     assert spool.clean_incoming() == 0
+
+
+def test_temporary_files_carry_the_node_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, node_id="node-a")
+    seen: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        seen.append(Path(path).name)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(spool_module.os, "open", recording_open)
+    spool.write(_relative(spool), (b"x",))
+
+    assert (
+        [name for name in seen if name.endswith(".part")]
+        == [name for name in seen if re.fullmatch(r"node-a\+[0-9a-f]{32}\.part", name)]
+        != []
+    )
 
 
 def test_a_new_spool_on_an_old_directory_keeps_it(tmp_path: Path) -> None:
@@ -246,3 +269,115 @@ def test_remove_deletes_and_tolerates_a_missing_file(spool: Spool) -> None:
     spool.remove(relative)
 
     assert not spool.absolute(relative).exists()
+
+
+class _Keeper:
+    """A space keeper that records what it is asked and can "free" space by lowering the
+    spool's minimum (what removing a study does to the free space the spool sees)."""
+
+    def __init__(self, spool: Spool, *, frees: bool) -> None:
+        self.spool = spool
+        self.frees = frees
+        self.lows = 0
+        self.reclaims: list[int] = []
+
+    def low(self) -> None:
+        self.lows += 1
+
+    def reclaim(self, needed_bytes: int) -> bool:
+        self.reclaims.append(needed_bytes)
+        if self.frees:
+            self.spool.min_free_bytes = 0
+        return self.frees
+
+
+def _greedy(tmp_path: Path) -> Spool:
+    free = Spool(tmp_path / "spool", min_free_bytes=0).free_bytes()
+    return Spool(tmp_path / "spool", min_free_bytes=free + 2**30, high_water_bytes=free + 2**31)
+
+
+def test_the_space_keeper_is_asked_before_a_write_is_refused(tmp_path: Path) -> None:
+    spool = _greedy(tmp_path)
+    keeper = _Keeper(spool, frees=True)
+    spool.space_keeper = keeper
+    relative = _relative(spool)
+
+    assert spool.write(relative, (b"data",)) == 4
+
+    assert keeper.reclaims == [4] and keeper.lows == 1
+    assert spool.absolute(relative).read_bytes() == b"data"
+
+
+def test_a_write_is_refused_when_the_keeper_finds_nothing_to_remove(tmp_path: Path) -> None:
+    spool = _greedy(tmp_path)
+    keeper = _Keeper(spool, frees=False)
+    spool.space_keeper = keeper
+
+    with pytest.raises(StorageFullError, match=r"storage\.min_free_mb"):
+        spool.write(_relative(spool), (b"data",))
+
+    assert keeper.reclaims == [4]
+    assert _files(spool.root) == []
+
+
+def test_below_the_high_water_mark_the_keeper_is_told_and_the_write_goes_on(
+    tmp_path: Path,
+) -> None:
+    free = Spool(tmp_path / "spool", min_free_bytes=0).free_bytes()
+    spool = Spool(tmp_path / "spool", min_free_bytes=0, high_water_bytes=free + 2**30)
+    keeper = _Keeper(spool, frees=False)
+    spool.space_keeper = keeper
+
+    spool.write(_relative(spool), (b"data",))
+
+    assert (keeper.lows, keeper.reclaims) == (1, [])
+
+
+@pytest.mark.parametrize("frees", [True, False])
+def test_a_disk_that_fills_during_a_write_is_tried_once_more_after_a_removal(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, frees: bool
+) -> None:
+    keeper = _Keeper(spool, frees=frees)
+    spool.space_keeper = keeper
+    real_write = os.write
+    failures = []
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if not failures:
+            failures.append(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(spool_module.os, "write", write)
+    relative = _relative(spool)
+
+    if frees:
+        assert spool.write(relative, (b"data",)) == 4
+        assert _files(spool.root) == [spool.absolute(relative)]
+    else:
+        with pytest.raises(StorageFullError, match="full"):
+            spool.write(relative, (b"data",))
+        assert _files(spool.root) == []
+    assert keeper.reclaims == [4]
+
+
+def test_a_series_directory_removed_by_a_purge_meanwhile_is_made_again(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relative = _relative(spool)
+    directory = spool.absolute(relative).parent
+    real_make = Spool._make_parents
+    calls = []
+
+    def make_then_lose(self: Spool, target: Path) -> None:
+        real_make(self, target)
+        calls.append(target)
+        if len(calls) == 1:
+            target.rmdir()  # a purge removed it as empty between mkdir and rename
+
+    monkeypatch.setattr(Spool, "_make_parents", make_then_lose)
+
+    assert spool.write(relative, (b"data",)) == 4
+
+    assert calls == [directory, directory]
+    assert spool.absolute(relative).read_bytes() == b"data"

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from pacsai.cli import audit, db, demo, jobs, models, network, retrieve, serve, tokens, worker
+from pacsai.cli import (
+    audit,
+    db,
+    demo,
+    jobs,
+    models,
+    network,
+    retrieve,
+    serve,
+    studies,
+    tokens,
+    worker,
+)
 from pacsai.cli._common import main
 
 __all__ = ["main"]
 
-_COMMAND_MODULES = (audit, db, demo, jobs, models, network, retrieve, serve, tokens, worker)
+_COMMAND_MODULES = (
+    audit,
+    db,
+    demo,
+    jobs,
+    models,
+    network,
+    retrieve,
+    serve,
+    studies,
+    tokens,
+    worker,
+)

@@ -1,8 +1,10 @@
-"""`pacsai jobs list|retry`: what ran on which study, and running it again."""
+"""`pacsai jobs list|retry|send`: what ran on which study, running it again, and sending its
+results to another destination."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,4 +124,61 @@ def jobs_retry(
     finally:
         database.dispose()
     if refused:
+        sys.exit(1)
+
+
+@jobs.command("send")
+@click.argument("job_id", type=click.IntRange(1, 2**31 - 1))
+@click.option("--to", "destination", required=True, help="A DICOM destination under destinations:.")
+@click.option("--again", is_flag=True, help="Send even if the destination has them already.")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(0),
+    default=0,
+    show_default=True,
+    help="Wait this many seconds for the node to send them, and say how it went.",
+)
+@config_option
+@friendly
+def jobs_send(
+    job_id: int, destination: str, again: bool, wait_seconds: float, config_path: Path | None
+) -> None:
+    """Send the stored results (SEG, SR) of JOB_ID to the destination DEST (admin).
+
+    New deliveries are queued; the node's delivery workers send them, retry them with backoff
+    and audit each attempt. Refused when the result files were removed from this node (storage
+    retention, `pacsai studies purge`), or when the destination has them already (--again).
+    Exit status 1 if refused, or if --wait ends with a delivery not SENT.
+    """
+    from pacsai.db import DeliveryStatus
+    from pacsai.operations import ConflictError, InvalidRequestError, NotFoundError
+    from pacsai.operations.jobs import delivery_states, send_job_results
+
+    settings = load(config_path)
+    database = open_database(settings)
+    try:
+        try:
+            outcome = send_job_results(
+                database, settings, cli_caller("jobs send"), job_id, destination, again=again
+            )
+        except (NotFoundError, ConflictError, InvalidRequestError) as exc:
+            click.echo(f"job {job_id}: {exc}", err=True)
+            sys.exit(1)
+        ids = ", ".join(str(i) for i in outcome.delivery_ids)
+        click.echo(f"job {job_id}: {outcome.message} (delivery {ids})")
+        if not wait_seconds:
+            return
+        deadline = time.monotonic() + wait_seconds
+        waiting = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING)
+        states = delivery_states(database, outcome.delivery_ids)
+        while any(s.status in waiting for s in states) and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            states = delivery_states(database, outcome.delivery_ids)
+    finally:
+        database.dispose()
+    for state in states:
+        error = f" ({state.last_error})" if state.last_error else ""
+        click.echo(f"delivery {state.id} to {state.destination}: {state.status.value}{error}")
+    if any(s.status is not DeliveryStatus.SENT for s in states):
         sys.exit(1)

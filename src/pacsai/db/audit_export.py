@@ -67,6 +67,7 @@ EVENT_ID_MEANINGS: Final = {
     "110101": "Audit Log Used",
     "110103": "DICOM Instances Accessed",
     "110104": "DICOM Instances Transferred",
+    "110105": "DICOM Study Deleted",
     "110106": "Export",
     "110107": "Import",
     "110112": "Query",

@@ -154,6 +154,8 @@ class Study(Base):
     """A study as assembled from the instances received for it."""
 
     __tablename__ = "studies"
+    # Retention looks for the oldest COMPLETE studies first (migration 0011).
+    __table_args__ = (Index("ix_studies_status_last_received_at", "status", "last_received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -169,6 +171,9 @@ class Study(Base):
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
+    # When retention or `pacsai studies purge` removed its received instances (files and rows);
+    # null while it holds what was received (an instance arriving again clears it).
+    purged_at: Mapped[datetime | None]
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -198,6 +203,9 @@ class Association(Base):
     __tablename__ = "associations"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # The node whose receiver accepted it (``node.id``): at start-up a node closes only its own
+    # open associations (null: recorded before 0011, closed by any node).
+    node_id: Mapped[str | None] = mapped_column(String(64), index=True)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     called_ae_title: Mapped[str] = mapped_column(String(16))
     remote_host: Mapped[str] = mapped_column(String(64))
@@ -291,6 +299,9 @@ class Result(Base):
     output_path: Mapped[str] = mapped_column(String(400))
     summary: Mapped[str] = mapped_column(Text)  # JSON object
     created_at: Mapped[datetime]
+    # When its files (output, objects, previews) were removed; the row and its objects' rows
+    # stay, so that findings and what was sent where remain known.
+    purged_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="results")
     objects: Mapped[list[ResultObject]] = relationship(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -139,6 +139,7 @@ _COUNT_INTO_STUDY = (
         last_received_at=bindparam("b_now"),
         quiet_seconds=bindparam("b_quiet_seconds"),
         instance_count=Study.instance_count + 1,
+        purged_at=None,  # a purged study sent again holds instances again
     )
     .returning(Study.id)
 )
@@ -366,11 +367,13 @@ def open_association(
     remote_port: int,
     tls: bool,
     now: datetime,
+    node_id: str | None = None,
 ) -> None:
-    """Record an accepted association."""
+    """Record an accepted association, by the node (``node.id``) whose receiver accepted it."""
     session.add(
         Association(
             id=association_id,
+            node_id=node_id,
             calling_ae_title=calling_ae_title,
             called_ae_title=called_ae_title,
             remote_host=remote_host,
@@ -431,10 +434,22 @@ def close_association(
     _audit_transfers(session, association, now)
 
 
-def interrupt_open_associations(*, session: Session, now: datetime) -> int:
-    """At start-up: close associations a stopped or killed node left open, and audit them."""
+def interrupt_open_associations(*, session: Session, now: datetime, node_id: str) -> int:
+    """At start-up: close the associations this node (``node_id``) left open when it stopped or
+    was killed, and audit them; return how many.
+
+    Other nodes' open associations (a shared database) are theirs to close. Rows recorded
+    before associations carried a node (``node_id`` null) are closed by any node.
+    """
     open_ones = (
-        session.execute(select(Association).where(Association.ended_at.is_(None))).scalars().all()
+        session.execute(
+            select(Association).where(
+                Association.ended_at.is_(None),
+                or_(Association.node_id == node_id, Association.node_id.is_(None)),
+            )
+        )
+        .scalars()
+        .all()
     )
     for association in open_ones:
         association.outcome = AssociationOutcome.INTERRUPTED

@@ -30,7 +30,13 @@ from pacsai.db import Database, Instance, ResultObject
 from pacsai.errors import PacsaiError
 from pacsai.operations.errors import ConflictError, NotFoundError
 
-__all__ = ["MeasurementRow", "read_object", "segmentation_previews", "sr_measurements"]
+__all__ = [
+    "MeasurementRow",
+    "kept_beside",
+    "read_object",
+    "segmentation_previews",
+    "sr_measurements",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,41 @@ def read_object(database: Database, object_id: int) -> tuple[ResultObject, str]:
     return obj, str(study_uid)
 
 
+def kept_beside(results_dir: Path, object_id: int) -> list[str]:
+    """What was drawn or read from result object ``object_id`` and kept (previews,
+    measurements), as paths relative to ``results_dir``; removed with the object's file."""
+    previews = Path(results_dir) / "previews"
+    found = [previews / f"{object_id}.measurements.json"]
+    folder = previews / str(object_id)
+    if folder.is_dir():
+        found += sorted(path for path in folder.iterdir() if path.is_file())
+    return [path.relative_to(results_dir).as_posix() for path in found]
+
+
+def _stored_object(database: Database, object_id: int) -> ResultObject:
+    """The row of result object ``object_id``, whose file must still be here.
+
+    Raises
+    ------
+    NotFoundError
+        If there is no such object.
+    ConflictError
+        If its result's files were removed (storage retention, `pacsai studies purge`).
+    """
+    from pacsai.db import Result
+
+    obj, _ = read_object(database, object_id)
+    with database.reading() as session:
+        purged_at = session.scalar(select(Result.purged_at).where(Result.id == obj.result_id))
+    if purged_at is not None:
+        raise ConflictError(
+            f"the files of result object {object_id} were removed from this node on "
+            f"{purged_at:%Y-%m-%d %H:%M} UTC (storage retention or `pacsai studies purge`); "
+            "its findings are kept"
+        )
+    return obj
+
+
 def _read(path: Path, what: str, *, defer: bool = False) -> Dataset:
     try:
         return dcmread(path, defer_size="256 KB" if defer else None)
@@ -111,7 +152,7 @@ def segmentation_previews(
     ConflictError
         If it is not a SEG, or its file or its source instances cannot be read.
     """
-    obj, _ = read_object(database, object_id)
+    obj = _stored_object(database, object_id)
     if obj.kind != "SEG":
         raise ConflictError(f"result object {object_id} is a {obj.kind}, not a SEG")
     results_dir = Path(settings.storage.results_dir)
@@ -177,7 +218,7 @@ def sr_measurements(database: Database, settings: Settings, object_id: int) -> l
 
     The rows are kept beside the previews once read (reading a report takes most of a second).
     """
-    obj, _ = read_object(database, object_id)
+    obj = _stored_object(database, object_id)
     if obj.kind != "SR":
         raise ConflictError(f"result object {object_id} is a {obj.kind}, not an SR")
     kept = Path(settings.storage.results_dir) / "previews" / f"{object_id}.measurements.json"

@@ -63,6 +63,11 @@ class ResultOut(_Out):
     findings: list[Finding]
     objects: list[ResultObjectOut]
     created_at: datetime
+    purged_at: datetime | None = Field(
+        default=None,
+        description="When its files (SEG, SR, label map) were removed from this node; its "
+        "findings and objects' UIDs stay. Null while they are here.",
+    )
 
 
 class DeliveryOut(_Out):
@@ -153,6 +158,7 @@ def result_out(result: Result, objects: list[ResultObject]) -> ResultOut:
             for obj in objects
         ],
         created_at=result.created_at,
+        purged_at=result.purged_at,
     )
 
 

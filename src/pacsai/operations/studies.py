@@ -56,6 +56,12 @@ class StudySummary(BaseModel):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
+    purged_at: datetime | None = Field(
+        default=None,
+        description="When its received instances were removed from this node (storage "
+        "retention, `pacsai studies purge`); its series, jobs, findings and deliveries stay. "
+        "Null while it holds what was received.",
+    )
 
 
 class StudyPage(BaseModel):
@@ -139,6 +145,7 @@ def _summary(study: Study, modalities: list[str]) -> dict[str, Any]:
         "first_received_at": study.first_received_at,
         "last_received_at": study.last_received_at,
         "completed_at": study.completed_at,
+        "purged_at": study.purged_at,
     }
 
 

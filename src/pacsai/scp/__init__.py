@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pacsai.scp.completion import StudyCompletionMonitor
 from pacsai.scp.policy import AssociationPolicy, Rejection
+from pacsai.scp.retention import RetentionMonitor
 from pacsai.scp.server import TRANSFER_SYNTAXES, Receiver, server_ssl_context
-from pacsai.scp.spool import Spool
+from pacsai.scp.spool import SpaceKeeper, Spool
 from pacsai.scp.status import StoreStatus
 from pacsai.scp.store import AssociationState, InstanceStore
 from pacsai.scp.sweep import SpoolSweep, SweepReport
@@ -21,6 +22,8 @@ __all__ = [
     "InstanceStore",
     "Receiver",
     "Rejection",
+    "RetentionMonitor",
+    "SpaceKeeper",
     "Spool",
     "SpoolSweep",
     "StoreStatus",

@@ -6,6 +6,11 @@ fsynced, and its directory fsynced (the caller may sync directories itself, once
 power loss. A crash before the fsync can leave an incomplete file under its final name, but no
 row ever points at one (rows are committed after the fsync, and only rows lead readers to
 files); the spool sweep moves it aside.
+
+Temporary files are named after the node writing them (``.incoming/<node id>+<random>.part``;
+a node id never holds a ``+``), so that a node starting on a spool other nodes share removes
+only its own leftovers. When free space runs short, a :class:`SpaceKeeper` (the node's
+retention) is asked to remove finished studies before a write is refused.
 """
 
 from __future__ import annotations
@@ -16,14 +21,27 @@ import os
 import secrets
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 from pacsai.errors import ReceiveError, StorageFullError
 
-__all__ = ["Spool"]
+__all__ = ["SpaceKeeper", "Spool"]
 
 log = logging.getLogger(__name__)
 
 _INCOMING = ".incoming"
+_RENAME_TRIES = 3  # a purge may remove an empty series directory between mkdir and rename
+
+
+class SpaceKeeper(Protocol):
+    """What frees space in the spool's filesystem (the node's retention)."""
+
+    def low(self) -> None:
+        """Free space is below the high-water mark: clean up in the background (never blocks)."""
+
+    def reclaim(self, needed_bytes: int) -> bool:
+        """Remove finished studies now, within a bounded time, until ``needed_bytes`` fit above
+        the minimum; whether anything was removed (by this call, or by one it waited for)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,11 +65,31 @@ class Spool:
         The spool directory (``storage.spool_dir``); created if missing.
     min_free_bytes
         Refuse a write that would leave less than this much free space.
+    node_id
+        The writing node (``node.id``): its temporary files carry it.
+    high_water_bytes
+        Below this much free space, :attr:`space_keeper` is told (0: never).
+
+    Attributes
+    ----------
+    space_keeper
+        Asked to free space before a write is refused, and told when free space is below
+        `high_water_bytes`; ``None``: nothing is removed for space.
     """
 
-    def __init__(self, root: Path, *, min_free_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        min_free_bytes: int,
+        node_id: str = "local",
+        high_water_bytes: int = 0,
+    ) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = min_free_bytes
+        self.high_water_bytes = high_water_bytes
+        self.node_id = node_id
+        self.space_keeper: SpaceKeeper | None = None
         self._incoming = self.root / _INCOMING
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
@@ -76,13 +114,23 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
     def check_space(self, incoming_bytes: int) -> None:
-        """Raise StorageFullError if writing `incoming_bytes` would go below the minimum."""
+        """Raise StorageFullError if writing `incoming_bytes` would go below the minimum even
+        after the space keeper has removed what it may."""
         free = self.free_bytes()
-        if free - incoming_bytes < self.min_free_bytes:
-            raise StorageFullError(
-                f"spool below storage.min_free_mb: {free // 2**20} MiB free in {self.root}, "
-                f"{self.min_free_bytes // 2**20} MiB must remain"
-            )
+        keeper = self.space_keeper
+        if keeper is not None and free - incoming_bytes < self.high_water_bytes:
+            keeper.low()
+        if free - incoming_bytes >= self.min_free_bytes:
+            return
+        if keeper is not None:
+            keeper.reclaim(incoming_bytes)
+            free = self.free_bytes()  # removed by it, or by another receive it waited for
+            if free - incoming_bytes >= self.min_free_bytes:
+                return
+        raise StorageFullError(
+            f"spool below storage.min_free_mb: {free // 2**20} MiB free in {self.root}, "
+            f"{self.min_free_bytes // 2**20} MiB must remain"
+        )
 
     def write(
         self, relative: str, chunks: tuple[bytes, ...], *, sync_directory: bool = True
@@ -102,8 +150,21 @@ class Spool:
         """
         size = sum(len(chunk) for chunk in chunks)
         self.check_space(size)
+        try:
+            return self._write(relative, chunks, size, sync_directory=sync_directory)
+        except StorageFullError:
+            # the disk filled up between the check and the write (or ran out of inodes): once
+            # the keeper has removed something, one more try
+            keeper = self.space_keeper
+            if keeper is None or not keeper.reclaim(size):
+                raise
+        return self._write(relative, chunks, size, sync_directory=sync_directory)
+
+    def _write(
+        self, relative: str, chunks: tuple[bytes, ...], size: int, *, sync_directory: bool
+    ) -> int:
         final = self.root / relative
-        temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        temp = self._incoming / f"{self.node_id}+{uuid.uuid4().hex}.part"
         renamed = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -113,8 +174,7 @@ class Spool:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                self._make_parents(final.parent)
-                temp.replace(final)
+                self._rename_into_place(temp, final)
                 renamed = True
                 # fsync after the rename: on journalling filesystems its one journal commit
                 # carries the rename too, and the directory's fsync then costs next to nothing
@@ -147,6 +207,17 @@ class Spool:
                     f"cannot sync spool directory {directory}: {exc.strerror}"
                 ) from exc
 
+    def _rename_into_place(self, temp: Path, final: Path) -> None:
+        for attempt in range(_RENAME_TRIES):
+            self._make_parents(final.parent)
+            try:
+                temp.replace(final)
+                return
+            except FileNotFoundError:
+                if attempt == _RENAME_TRIES - 1 or not temp.exists():
+                    raise  # the temporary file itself is gone (removed by a cleaner)
+                # the directory was removed as empty by a purge meanwhile: make it again
+
     def _make_parents(self, directory: Path) -> None:
         if directory.is_dir():
             return
@@ -167,9 +238,11 @@ class Spool:
             log.warning("could not delete superseded spool file %s: %s", relative, exc.strerror)
 
     def clean_incoming(self) -> int:
-        """Delete temporary files left by a crash (never acknowledged); return how many."""
+        """Delete the temporary files this node left when it crashed (never acknowledged);
+        return how many. Other nodes' files on a shared spool are theirs (the sweep removes
+        any partial file once it is old)."""
         removed = 0
-        for leftover in self._incoming.glob("*.part"):
+        for leftover in self._incoming.glob(f"{self.node_id}+*.part"):
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed

@@ -64,9 +64,10 @@ class InstanceStore:
     may not have happened, the file stays; the spool sweep settles it.
     """
 
-    def __init__(self, *, database: Database, spool: Spool) -> None:
+    def __init__(self, *, database: Database, spool: Spool, node_id: str | None = None) -> None:
         self.database = database
         self.spool = spool
+        self.node_id = node_id  # recorded with each association (`node.id`)
         self.committer = GroupCommitter(database, before_commit=self._sync_directories)
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
@@ -234,6 +235,7 @@ class InstanceStore:
                 remote_port=state.remote_port,
                 tls=state.tls,
                 now=utcnow(),
+                node_id=self.node_id,
             )
 
     def close(self, state: AssociationState, outcome: AssociationOutcome) -> None:

@@ -14,6 +14,9 @@ after, a superseded file removed after the commit). What a crash or a person can
   (error) and audited as a Security Alert (110113, serious failure) with its SOP Instance UID.
 * a partial file in ``<spool>/.incoming`` older than ``min_age_seconds``: never acknowledged;
   deleted.
+* a file of a **purged study** written before the purge (its removal after the purge's commit
+  failed, or a crash interrupted it): no row will ever point at it again; deleted, and counted
+  in the log.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pacsai.db import (
 )
 from pacsai.errors import PacsaiError
 from pacsai.scp.spool import Spool
+from pacsai.storage import SharedDirectory
 
 __all__ = ["SpoolSweep", "SweepReport"]
 
@@ -56,6 +60,7 @@ class SweepReport:
     orphans_moved: list[str] = field(default_factory=list)  # spool-relative paths
     missing: list[tuple[str, str]] = field(default_factory=list)  # (SOP Instance UID, path)
     partials_removed: int = 0
+    purged_removed: int = 0  # files of purged studies left behind by their purge
 
 
 class SpoolSweep:
@@ -122,7 +127,9 @@ class SpoolSweep:
         for study_dir in self._study_dirs():
             if self._stop.is_set():
                 break
-            report.orphans_moved += self._move_orphans(study_dir, cutoff)
+            moved, purged = self._move_orphans(study_dir, cutoff)
+            report.orphans_moved += moved
+            report.purged_removed += purged
         report.missing = self._missing_files()
         self._report(report)
         return report
@@ -139,28 +146,40 @@ class SpoolSweep:
             if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
                 yield Path(entry.path)
 
-    def _recorded_paths(self, study_uid: str) -> set[str]:
+    def _recorded_paths(self, study_uid: str) -> tuple[set[str], float | None]:
+        """The paths the study's rows point at, and when it was last purged (POSIX time)."""
         with self.database.reading() as session:
-            return set(
+            paths = set(
                 session.execute(
                     select(Instance.path)
                     .join(Study, Study.id == Instance.study_id)
                     .where(Study.study_instance_uid == study_uid)
                 ).scalars()
             )
+            purged_at = session.scalar(
+                select(Study.purged_at).where(Study.study_instance_uid == study_uid)
+            )
+        return paths, purged_at.timestamp() if purged_at is not None else None
 
-    def _move_orphans(self, study_dir: Path, cutoff: float) -> list[str]:
-        files: list[str] = []
+    def _move_orphans(self, study_dir: Path, cutoff: float) -> tuple[list[str], int]:
+        files: dict[str, float] = {}
         for path in study_dir.glob("*/*.dcm"):
             try:
-                old_enough = path.stat().st_mtime < cutoff
+                modified = path.stat().st_mtime
             except FileNotFoundError:  # removed meanwhile (a duplicate, a replacement)
                 continue
-            if old_enough:
-                files.append(str(path.relative_to(self.spool.root)))
+            if modified < cutoff:
+                files[str(path.relative_to(self.spool.root))] = modified
         if not files:
-            return []
-        candidates = set(files) - self._recorded_paths(study_dir.name) - self.in_flight()
+            return [], 0
+        recorded, purged_at = self._recorded_paths(study_dir.name)
+        candidates = set(files) - recorded - self.in_flight()
+        if purged_at is not None:
+            leftovers = [c for c in candidates if files[c] < purged_at]
+            candidates -= set(leftovers)
+            removed = SharedDirectory(self.spool.root).remove(leftovers)
+        else:
+            removed = None
         moved = []
         for relative in sorted(candidates):
             target = self.spool.root / ORPHANS / relative
@@ -173,7 +192,7 @@ class SpoolSweep:
                 log.error("cannot move orphan spool file %s aside: %s", relative, exc.strerror)
                 continue
             moved.append(relative)
-        return moved
+        return moved, removed.files if removed is not None else 0
 
     def _remove_old_partials(self, cutoff: float) -> int:
         removed = 0
@@ -218,6 +237,11 @@ class SpoolSweep:
         self._reported_missing.update(p for _, p in new_missing)
         if report.partials_removed:
             log.info("spool sweep: removed %d old partial files", report.partials_removed)
+        if report.purged_removed:
+            log.info(
+                "spool sweep: removed %d files of purged studies that their purge left",
+                report.purged_removed,
+            )
         if not report.orphans_moved and not new_missing:
             return
         try:
