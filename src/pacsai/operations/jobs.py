@@ -26,6 +26,7 @@ from pacsai.db import (
     DeliveryStatus,
     Job,
     JobStatus,
+    Result,
     Study,
     utcnow,
 )
