@@ -14,11 +14,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from pacsai._periodic import Periodic
 from pacsai.db import Database, utcnow
 from pacsai.db.deliveries import renew_delivery_leases
 from pacsai.db.jobs import renew_job_leases
 from pacsai.db.workers import heartbeat_worker
-from pacsai.errors import PacsaiError
 
 __all__ = ["Heartbeat", "HeldLeases"]
 
@@ -92,8 +92,12 @@ class Heartbeat:
         self.interval = lease_seconds / 3
         self.models = models
         self.on_lost = on_lost
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = Periodic(
+            "pacsai-heartbeat",
+            self._beat_or_stop,
+            interval=self.interval,
+            what=f"worker {worker_id}: heartbeat",
+        )
 
     def beat(self) -> bool:
         """Renew once; ``False`` if the worker's row is no longer its own."""
@@ -123,26 +127,19 @@ class Heartbeat:
             )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pacsai-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                mine = self.beat()
-            except PacsaiError as exc:
-                log.error("worker %s: heartbeat failed, will retry: %s", self.worker_id, exc)
-                continue
-            if not mine:
-                log.error(
-                    "worker %s was taken for gone by another process: stopping",
-                    self.worker_id,
-                    extra={"action": "worker_lost", "worker": self.worker_id},
-                )
-                self.on_lost()
-                return
+    def _beat_or_stop(self) -> bool:
+        """One beat; ``False`` (the thread ends) once the worker's row is another's."""
+        if self.beat():
+            return True
+        log.error(
+            "worker %s was taken for gone by another process: stopping",
+            self.worker_id,
+            extra={"action": "worker_lost", "worker": self.worker_id},
+        )
+        self.on_lost()
+        return False

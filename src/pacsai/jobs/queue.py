@@ -11,16 +11,15 @@ have missed (a broker that was down when a study completed).
 from __future__ import annotations
 
 import logging
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pacsai._periodic import Periodic
 from pacsai.config import Settings
 from pacsai.db import Database, JobStatus
 from pacsai.db.jobs import LostJob
-from pacsai.errors import PacsaiError
 from pacsai.jobs.recovery import recover_lost_work
 
 __all__ = ["JobQueue", "QueueHealth", "make_queue"]
@@ -44,8 +43,12 @@ class JobQueue(ABC):
     def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
         self.database = database
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = Periodic(
+            "pacsai-reconciler",
+            self.recover,
+            interval=settings.queue.reconcile_seconds,
+            what="queue reconciliation",
+        )
 
     @abstractmethod
     def submit(self, job_ids: Sequence[int]) -> None:
@@ -77,20 +80,10 @@ class JobQueue(ABC):
 
     def start(self) -> None:
         """Run the reconciler every ``queue.reconcile_seconds`` until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._loop, name="pacsai-reconciler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.queue.reconcile_seconds):
-            try:
-                self.recover()
-            except PacsaiError as exc:
-                log.error("queue reconciliation failed, will retry: %s", exc)
+        self._thread.stop()
 
 
 def make_queue(

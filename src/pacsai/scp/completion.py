@@ -8,12 +8,11 @@ studies still receiving when the node stopped resume their timers after a restar
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 
+from pacsai._periodic import Periodic
 from pacsai.db import Database, Job, utcnow
 from pacsai.db.repository import complete_expected_studies, complete_quiet_studies
-from pacsai.errors import PacsaiError
 
 __all__ = ["StudyCompletionMonitor"]
 
@@ -39,8 +38,9 @@ class StudyCompletionMonitor:
         self.database = database
         self.interval = interval
         self.on_queued = on_queued
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = Periodic(
+            "pacsai-completion", self.run_once, interval=interval, what="study completion check"
+        )
 
     def run_once(self) -> list[Job]:
         """Complete every study that has what was expected of it, or is quiet, now; return the
@@ -60,20 +60,10 @@ class StudyCompletionMonitor:
             self.on_queued([job.id for job in jobs])
         return jobs
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except PacsaiError as exc:
-                log.error("study completion check failed, will retry: %s", exc)
-
     def start(self) -> None:
         """Run in a background thread until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._loop, name="pacsai-completion", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop the background thread (a check in progress finishes first)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.stop()

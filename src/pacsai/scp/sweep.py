@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from pacsai._periodic import Periodic
 from pacsai.db import (
     AuditAction,
     AuditEventId,
@@ -97,27 +97,22 @@ class SpoolSweep:
         self.min_age_seconds = min_age_seconds
         self.interval_seconds = interval_seconds
         self._reported_missing: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = Periodic(
+            "pacsai-sweep",
+            self.run_once,
+            interval=interval_seconds,
+            what="spool sweep",
+            at_start=True,
+            tolerate=(PacsaiError, OSError),
+        )
 
     def start(self) -> None:
         """Sweep now and then every `interval_seconds`, in a background thread."""
-        self._thread = threading.Thread(target=self._loop, name="pacsai-sweep", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop the thread (a sweep in progress stops at its next study)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except (PacsaiError, OSError) as exc:
-                log.error("spool sweep failed, will try again: %s", exc)
-            self._stop.wait(self.interval_seconds)
+        self._thread.stop()
 
     def run_once(self) -> SweepReport:
         """One sweep: move orphan files aside, report missing ones, remove old partials."""
@@ -125,7 +120,7 @@ class SpoolSweep:
         cutoff = time.time() - self.min_age_seconds
         report.partials_removed = self._remove_old_partials(cutoff)
         for study_dir in self._study_dirs():
-            if self._stop.is_set():
+            if self._thread.stopping:
                 break
             moved, purged = self._move_orphans(study_dir, cutoff)
             report.orphans_moved += moved
@@ -214,7 +209,7 @@ class SpoolSweep:
                 select(Instance.id, Instance.path).execution_options(yield_per=2000)
             )
             for number, (instance_id, path) in enumerate(rows):
-                if number % 10_000 == 0 and self._stop.is_set():
+                if number % 10_000 == 0 and self._thread.stopping:
                     return []
                 if not (self.spool.root / path).exists():
                     suspects.append(instance_id)
