@@ -35,6 +35,7 @@ from pacsai.db import (
     utcnow,
 )
 from pacsai.db.tokens import create_token, revoke_token
+from pacsai.db.workers import heartbeat_worker, register_worker
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
@@ -546,6 +547,63 @@ def test_health_readiness_and_metrics_open_or_protected(make_api: Callable[..., 
     checks = not_ready.json()["checks"]
     assert checks["spool"]["ok"] is False and "not writable" in checks["spool"]["detail"]
     assert checks["database"]["ok"] is True
+
+
+def test_readiness_waits_for_the_models_to_be_warm_on_a_live_worker(
+    make_api: Callable[..., Api],
+) -> None:
+    """The models check reads the workers' heartbeats (the API process never loads a model):
+    503 while a model warms up, 200 once it is warm; a refused bundle is named, not blocking."""
+    api = make_api(
+        inference={"models_dir": str(REPO / "models"), "device": "cpu"},
+        routes=[
+            {"name": "ct", "model": "ct_abdomen_demo"},
+            {"name": "zoo", "model": "swin_unetr_btcv_segmentation"},
+        ],
+    )
+    client = api.client()
+
+    def models() -> tuple[int, dict[str, Any]]:
+        answer = client.get("readyz")
+        return answer.status_code, answer.json()["checks"]["models"]
+
+    status, check = models()
+    assert status == 503 and check["ok"] is False
+    assert "ct_abdomen_demo: not loaded by any live worker" in check["detail"]
+
+    with api.database.transaction() as session:
+        worker = register_worker(
+            session=session,
+            node_id="test-node",
+            name="worker",
+            host="elsewhere",
+            pid=os.getpid(),
+            backend="local",
+            device="cpu",
+            queues=["*"],
+            concurrency=1,
+            version="test",
+            now=utcnow(),
+            is_alive=lambda pid: True,
+        ).worker_id
+
+    def beat(states: dict[str, str]) -> None:
+        with api.database.transaction() as session:
+            heartbeat_worker(
+                session=session, worker_id=worker, pid=os.getpid(), now=utcnow(), models=states
+            )
+
+    refused = "refused: label 'Left Kideny' has no code"
+    beat({"ct_abdomen_demo": "loading", "swin_unetr_btcv_segmentation": refused})
+    status, check = models()
+    assert status == 503 and "ct_abdomen_demo: loading" in check["detail"]
+
+    beat({"ct_abdomen_demo": "warm", "swin_unetr_btcv_segmentation": refused})
+    status, check = models()
+    assert status == 200 and check["ok"] is True
+    assert check["detail"] == (
+        f"ct_abdomen_demo: warm; swin_unetr_btcv_segmentation: {refused}"
+    )
 
 
 def _samples(exposition: str) -> dict[str, float]:

@@ -3,8 +3,10 @@
 Both are open when ``api.open_health`` is true (the default, for load balancers and
 orchestrators), otherwise they need a viewer token. ``/readyz`` answers 503 with the same body
 when a check fails: the database answers, the spool directory is writable with
-``storage.min_free_mb`` free, at least one model is ready when models are configured, and jobs
-can reach a worker: the broker answers (celery), the node's own worker process runs (local), a
+``storage.min_free_mb`` free, the models are warm (or loaded, with ``inference.warm_up`` off) on
+a live worker, as the workers' heartbeats report them, none still loading and at least one
+runnable (a refused bundle is listed, and does not hold the others back), and jobs can reach a
+worker: the broker answers (celery), the node's own worker process runs (local), a
 live worker takes each queue that has QUEUED jobs. ``workers`` lists the live workers from the
 workers table, with their device, queues and the state of their models (warm or not).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -99,20 +102,46 @@ def _spool(context: ApiContext) -> Check:
     return Check(ok=True, detail=f"writable, {free // 2**20} MiB free")
 
 
-def _models(context: ApiContext) -> Check:
-    if context.registry is None:
-        from pacsai.inference import ModelRegistry  # light: scans bundle metadata, no torch
+def _bundle_names(models_dir: Path) -> set[str]:
+    """The bundle directories under ``models_dir`` (the registry's rule), without reading them:
+    checking a bundle imports MONAI, which the API process does not need."""
+    if not models_dir.is_dir():
+        return set()
+    return {
+        path.name
+        for path in models_dir.iterdir()
+        if path.is_dir() and ((path / "configs").is_dir() or (path / "models").is_dir())
+    }
 
-        context.registry = ModelRegistry.from_settings(context.settings.inference)
-    entries = context.registry.entries
+
+_RUNNABLE = ("warm", "loaded")  # "loaded": inference.warm_up is off
+
+
+def _model_state(name: str, workers: list[WorkerInfo]) -> str:
+    """The best state any live worker reports for ``name``."""
+    states = [w.models[name] for w in workers if name in w.models]
+    for state in (*_RUNNABLE, "loading"):
+        if state in states:
+            return state
+    return states[0] if states else "not loaded by any live worker"
+
+
+def _models(context: ApiContext, live: list[WorkerInfo]) -> Check:
+    """Ready when every model the routes name (or every bundle, without routes) that a live
+    worker can run is warm there, and at least one is: read from the workers' heartbeats."""
     routes = context.settings.routes
-    wanted = {route.model for route in routes} if routes else set(entries)
+    wanted = (
+        {route.model for route in routes}
+        if routes
+        else _bundle_names(context.settings.inference.models_dir)
+    )
     if not wanted:
         return Check(ok=True, detail="no model configured")
-    ready = sorted(name for name in wanted if name in entries and entries[name].bundle)
-    if not ready:
-        return Check(ok=False, detail=f"none of {', '.join(sorted(wanted))} is ready")
-    return Check(ok=True, detail=f"ready: {', '.join(ready)}")
+    states = {name: _model_state(name, live) for name in sorted(wanted)}
+    runnable = [name for name, state in states.items() if state in _RUNNABLE]
+    loading = [name for name, state in states.items() if state == "loading"]
+    detail = "; ".join(f"{name}: {state}" for name, state in states.items())
+    return Check(ok=bool(runnable) and not loading, detail=detail)
 
 
 def _queue(context: ApiContext, queued: int | None) -> tuple[Check, list[WorkerInfo]]:
@@ -164,7 +193,7 @@ def readiness(context: ApiContext) -> Readiness:
     checks = {
         "database": database,
         "spool": _spool(context),
-        "models": _models(context),
+        "models": _models(context, workers),
         "queue": queue,
     }
     return Readiness(
