@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from sqlalchemy import select, update
 
 from pacsai.db import AuditEvent, Job, JobStatus, Result, ResultKind, utcnow
@@ -222,3 +223,38 @@ def test_real_philips_ct_runs_through_a_route_that_accepts_it(
     output = np.load(node.settings.storage.results_dir / result.output_path)
     assert output["label_map"].shape == (28, 512, 512)
     assert len(output["sop_instance_uids"]) == 28
+
+
+def test_a_route_on_every_series_keeps_each_series_result(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """``select: all`` runs the model on two series of one study: two results, each with its own
+    label map on its own series' grid (neither file overwrites the other)."""
+    phantom = {"seed": 7, "spacing": 6.0, "patient_id": "PACSAI-TWO-SERIES"}
+    axial = write_phantom("ct", tmp_path / "axial", **phantom)  # type: ignore[arg-type]
+    sagittal = write_phantom(
+        "ct",
+        tmp_path / "sagittal",
+        orientation="sagittal",
+        **phantom,  # type: ignore[arg-type]
+    )
+    first = dcmread(axial.paths[0], stop_before_pixels=True)
+    for path in sagittal.paths:  # the second series joins the first one's study
+        ds = dcmread(path)
+        ds.StudyInstanceUID, ds.PatientName = axial.study_instance_uid, first.PatientName
+        ds.save_as(path)
+    node = start_node(
+        **_workers(routes=[{"name": "ct", "model": "ct_abdomen_demo", "series": {"select": "all"}}])
+    )
+    assert push([*axial.paths, *sagittal.paths], _target(node)).failed == 0
+
+    job = _finished_job(node)
+    assert job.status is JobStatus.SUCCEEDED, job.reason
+    results = {r.series_instance_uid: r for r in _results(node, job.id)}
+    assert set(results) == {axial.series_instance_uid, sagittal.series_instance_uid}
+    assert len({r.output_path for r in results.values()}) == 2
+    for study in (axial, sagittal):
+        output = np.load(
+            node.settings.storage.results_dir / results[study.series_instance_uid].output_path
+        )
+        assert study.labels is not None and output["label_map"].shape == study.labels.shape

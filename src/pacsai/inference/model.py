@@ -57,7 +57,7 @@ from pacsai.inference._bundle_config import (
 from pacsai.inference._monai_compat import without_empty_inversions
 from pacsai.inference._packages import pip_hint
 from pacsai.inference.bundle import BundleInfo
-from pacsai.inference.volume import Volume
+from pacsai.inference.volume import Volume, allocate_ijk
 
 __all__ = [
     "LoadedModel",
@@ -230,6 +230,15 @@ class LoadedModel:
         return network.eval()
 
     # --- running --------------------------------------------------------------------------------
+
+    def allocate_volume(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """A volume buffer for this model's device (an :data:`~pacsai.inference.volume.Allocator`
+        for :func:`~pacsai.inference.volume.load_datasets`): page-locked host memory when the
+        model runs on a GPU, so that the decoded pixels go to the device in one direct,
+        asynchronous copy; ordinary memory otherwise."""
+        if self.device.type != "cuda":
+            return allocate_ijk(shape)
+        return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
 
     def predict(self, volumes: Volume | Sequence[Volume]) -> ModelOutput:
         """Run the bundle; the result is on the (first) volume's own grid.
@@ -705,9 +714,14 @@ def as_meta_tensor(
     if channel_first and channels is None:
         tensor = tensor.unsqueeze(0)
         meta["original_channel_dim"] = 0
-    return MetaTensor(
-        tensor.to(device), affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta
-    )
+    if torch.device(device).type == "cpu":
+        # The volume's (i, j, k) buffer is handed over as it is; some transforms write into
+        # their input (NormalizeIntensity), and the reports still read the source pixels.
+        if np.may_share_memory(tensor.numpy(), volume.array):
+            tensor = tensor.clone()
+    else:
+        tensor = tensor.to(device, non_blocking=tensor.is_pinned())
+    return MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
 
 
 def _resample(volume: Volume, reference: Volume) -> np.ndarray:

@@ -30,7 +30,7 @@ spacing; colour images; pixel data that does not decode.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from pydicom.uid import (
 
 from pacsai.errors import UnusableSeriesError
 
-__all__ = ["Volume", "load_datasets", "load_series", "read_series"]
+__all__ = ["Allocator", "Volume", "allocate_ijk", "load_datasets", "load_series", "read_series"]
 
 #: Projection images: no Image Plane Module, one image is the whole "volume".
 _PROJECTION_SOP_CLASSES = frozenset(
@@ -87,6 +87,10 @@ _PIXEL_SPACING_TOLERANCE_MM = 1e-4
 
 _FloatArray = NDArray[np.float64]
 
+#: Makes the buffer a volume's pixels are decoded into: given ``(columns, rows, slices)``, a
+#: C-contiguous ``float32`` array of that shape (see :func:`load_datasets`).
+Allocator = Callable[[tuple[int, int, int]], np.ndarray]
+
 
 @dataclass(frozen=True, eq=False)
 class Volume:
@@ -101,6 +105,8 @@ class Volume:
         within its value range, so that the array always reads like MONOCHROME2 (bright = dense);
         images placed by Image Position/Orientation (Patient) keep their modality values
         (Hounsfield units stay Hounsfield units), since MONOCHROME1 only says how to display them.
+        The array is usually a view of a buffer laid out ``(columns, rows, slices)``: the
+        ``(i, j, k)`` order MONAI reads, so that handing it to a model needs no transposing copy.
     affine : numpy.ndarray
         ``float64``, shape ``(4, 4)``: maps a voxel index ``(i column, j row, k slice, 1)`` to
         DICOM patient coordinates (LPS, mm). Column 0 is ``ImageOrientationPatient[:3] *
@@ -222,11 +228,17 @@ def read_series(paths: Sequence[Path]) -> list[Dataset]:
     return [_read(Path(path)) for path in paths]
 
 
+def allocate_ijk(shape: tuple[int, int, int]) -> np.ndarray:
+    """The default :data:`Allocator`: ordinary memory."""
+    return np.empty(shape, dtype=np.float32)
+
+
 def load_datasets(
     datasets: Sequence[Dataset],
     *,
     spacing_tolerance: float = 0.05,
     max_voxels: int | None = None,
+    allocate: Allocator = allocate_ijk,
 ) -> Volume:
     """Build the volume of one series from data sets already read.
 
@@ -241,6 +253,9 @@ def load_datasets(
         Largest number of voxels (rows x columns x frames over all instances) to decode; a
         larger series is refused from its headers, before any pixel is decoded or allocated
         (``inference.max_voxels``). No limit when None.
+    allocate : Allocator, optional
+        Makes the buffer the pixels are decoded into, a C-contiguous ``float32`` array of shape
+        ``(columns, rows, slices)``: pinned host memory, say, for a volume bound for a GPU.
 
     Returns
     -------
@@ -269,7 +284,7 @@ def load_datasets(
         return _load_projection(datasets, label)
     frames = _collect_frames(datasets, label)
     stack = _stack(frames, label, spacing_tolerance)
-    array = _stack_pixels(datasets, stack.frames, label)
+    array = _stack_pixels(datasets, stack.frames, label, allocate)
     return Volume(
         array=array,
         affine=stack.affine,
@@ -905,10 +920,18 @@ def _decode(ds: Dataset, label: str, frames: int) -> np.ndarray:
     return pixels
 
 
-def _stack_pixels(datasets: Sequence[Dataset], frames: list[_Frame], label: str) -> np.ndarray:
-    """Modality values of `frames`, in their order, decoding each instance once."""
+def _stack_pixels(
+    datasets: Sequence[Dataset], frames: list[_Frame], label: str, allocate: Allocator
+) -> np.ndarray:
+    """Modality values of `frames`, in their order, decoding each instance once, straight into
+    an ``allocate``d ``(columns, rows, slices)`` buffer; returned as its ``(slices, rows,
+    columns)`` view."""
     first = datasets[frames[0].dataset_index]
-    array = np.empty((len(frames), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    shape = (int(first.Columns), int(first.Rows), len(frames))
+    buffer = allocate(shape)
+    if buffer.shape != shape or buffer.dtype != np.float32 or not buffer.flags.c_contiguous:
+        raise ValueError(f"the allocator gave {buffer.dtype} {buffer.shape}, not float32 {shape}")
+    array = buffer.transpose(2, 1, 0)
     slices: dict[int, list[tuple[int, _Frame]]] = {}
     for k, frame in enumerate(frames):
         slices.setdefault(frame.dataset_index, []).append((k, frame))

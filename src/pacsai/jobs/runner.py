@@ -334,10 +334,12 @@ class JobRunner:
         with _timed(timings, "volume"):
             series = [run.series] if not run.channels else _by_input(run, model.bundle)
             volumes = []
-            for index, one in enumerate(series):
+            for position, one in enumerate(series):
                 datasets = read_series(one.paths)
-                volumes.append(load_datasets(datasets, max_voxels=max_voxels))
-                if index == 0:
+                volumes.append(
+                    load_datasets(datasets, max_voxels=max_voxels, allocate=model.allocate_volume)
+                )
+                if position == 0:
                     sources = datasets
             for ds in sources:  # the DICOM outputs need the headers, not the pixels
                 if "PixelData" in ds:
