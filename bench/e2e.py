@@ -17,6 +17,8 @@ second one (warm):
   (``jobs.timings``);
 * node start -> models warm (``/readyz`` lists the worker's models as ``warm``).
 
+``--no-warm-up`` (``inference.warm_up: false``) shows the cold start the warm-up removes.
+
 The cold/warm ratio is printed against the issue's target (equal within 10 %). With ``--device
 cuda`` also the warm targets: <= 3 s for the demo CT bundle, <= 5 s for wholeBody.
 
@@ -125,12 +127,15 @@ class StoreScp:
 class Node:
     """`pacsai serve` in ``folder`` with one route to ``bundle`` and storescp as destination."""
 
-    def __init__(self, folder: Path, bundle: Path, device: str, quiet: float, scp: StoreScp):
+    def __init__(
+        self, folder: Path, bundle: Path, device: str, quiet: float, scp: StoreScp, warm_up: bool
+    ):
         models = folder / "models"
         models.mkdir(parents=True)
         (models / bundle.name).symlink_to(bundle.resolve())
         self.port, self.api_port = free_port(), free_port()
         self.quiet = quiet
+        self.ready_state = "warm" if warm_up else "loaded"
         settings = {
             "node": {"port": self.port, "host": "127.0.0.1", "study_quiet_seconds": quiet},
             "storage": {
@@ -138,7 +143,7 @@ class Node:
                 "results_dir": str(folder / "results"),
             },
             "database": {"url": f"sqlite:///{folder / 'pacsai.db'}"},
-            "inference": {"models_dir": str(models), "device": device},
+            "inference": {"models_dir": str(models), "device": device, "warm_up": warm_up},
             "routes": [
                 {
                     "name": "ct",
@@ -179,9 +184,9 @@ class Node:
                 return False
             workers = answer.json().get("workers", [])
             states = [s for w in workers for s in w["models"].values()]
-            if any(s not in ("warm", "loading") for s in states):
-                raise SystemExit(f"a model is not warm: {workers}")
-            return bool(states) and all(s == "warm" for s in states)
+            if any(s not in (self.ready_state, "loading") for s in states):
+                raise SystemExit(f"a model is not {self.ready_state}: {workers}")
+            return bool(states) and all(s == self.ready_state for s in states)
 
         wait(ready, "models warm", timeout=1800, interval=0.1)
         return time.time() - self.started
@@ -331,6 +336,11 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="storescp accepts every SOP Class and transfer syntax (LABELMAP, compressed)",
     )
+    parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="inference.warm_up: false, to see the cold start the warm-up removes",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("storescu") or not shutil.which("storescp"):
         raise SystemExit("needs DCMTK: apt-get install dcmtk")
@@ -349,10 +359,10 @@ def main(argv: list[str]) -> int:
             f"bundle {bundle.name}; device {args.device}; {os.cpu_count()} CPU cores"
         )
         scp = StoreScp(root / "scp", args.accept_any)
-        node = Node(root / "node", bundle, args.device, args.quiet, scp)
+        node = Node(root / "node", bundle, args.device, args.quiet, scp, not args.no_warm_up)
         try:
             warm_at = node.warm()
-            print(f"node start -> models warm (/readyz): {warm_at:.1f} s")
+            print(f"node start -> models {node.ready_state} (/readyz): {warm_at:.1f} s")
             runs = [
                 one_study(node, scp, study.paths[0].parent, study.study_instance_uid)
                 for study in studies
