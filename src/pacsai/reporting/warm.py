@@ -33,9 +33,9 @@ _SLICES, _SIZE = 4, 16
 
 
 def warm_up(bundles: Sequence[BundleInfo]) -> float:
-    """Write, and throw away, a LABELMAP SEG, its SR, their BINARY form and an uncompressed copy
-    for each segmentation bundle (an SR of probabilities for a classification bundle); the
-    seconds it took.
+    """Write, and throw away, a LABELMAP SEG (BINARY for a multi-label bundle), its SR, their
+    BINARY form and an uncompressed copy for each segmentation bundle (an SR of probabilities
+    for a classification bundle); the seconds it took.
 
     Never raises: a failure is logged (the first job meets it again, and says so) and the
     bundles after it are still tried.
@@ -62,6 +62,7 @@ def _write(scratch: Path, bundle: BundleInfo, sources: list[Dataset], volume: Vo
     from pydicom.uid import ExplicitVRLittleEndian as Uncompressed
 
     from pacsai.reporting.outputs import write_result_objects
+    from pacsai.reporting.sop_classes import LABEL_MAP_SEGMENTATION_STORAGE
     from pacsai.reporting.transfer import reencode
     from pacsai.reporting.variants import binary_variant
 
@@ -93,7 +94,8 @@ def _write(scratch: Path, bundle: BundleInfo, sources: list[Dataset], volume: Vo
         seg_type="LABELMAP",
     )
     paths = {o.kind: scratch / o.path for o in written}
-    if "SEG" in paths:
+    labelmap = any(o.sop_class_uid == LABEL_MAP_SEGMENTATION_STORAGE for o in written)
+    if labelmap:  # overlapping labels (a multi-label model) are written BINARY already
         variant = binary_variant(paths["SEG"], [p for k, p in paths.items() if k == "SR"])
         reencode(variant.seg, scratch / "binary-uncompressed.dcm", Uncompressed)
     for kind, path in paths.items():
