@@ -14,6 +14,7 @@ bound does not let through.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,9 @@ import pytest
 from sqlalchemy import select
 
 from pacsai.db import Job, JobStatus
+from pacsai.inference import ModelRegistry
 from pacsai.phantom import write_phantom
+from pacsai.reporting.warm import warm_up
 from pacsai.scu import Target, push
 from pacsai.service import Node
 from tests.support import REPO, wait_for
@@ -84,3 +87,13 @@ def test_first_study_after_start_is_no_slower_than_the_next(
         if first[stage] > FACTOR * statistics.median(t[stage] for t in later) + SLACK_SECONDS
     }
     assert not slower, f"the first job was cold in (first, next three): {slower}"
+
+
+def test_reporting_warm_up_runs_for_every_demo_bundle(caplog: pytest.LogCaptureFixture) -> None:
+    """Segmentation (LABELMAP, its BINARY form) and classification (SR only) bundles alike: a
+    warm-up that failed would log why and leave the first job cold."""
+    bundles = ModelRegistry(REPO / "models", device="cpu").bundles
+    assert {b.task for b in bundles} == {"segmentation", "classification"}
+    with caplog.at_level(logging.WARNING, logger="pacsai.reporting.warm"):
+        warm_up(bundles)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
