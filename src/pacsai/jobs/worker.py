@@ -80,13 +80,27 @@ def warm_models(registry: ModelRegistry, *, run: bool = True) -> dict[str, str]:
     With ``run`` (``inference.warm_up``), each model is loaded onto the registry's device and
     run once on a synthetic volume of its declared input (CUDA context, cuDNN autotuning), so
     that the first study is as fast as the second and a bundle that cannot run is refused now,
-    with its cause. Without it, models are only loaded.
+    with its cause; then the reporting path runs once for them
+    (:func:`pacsai.reporting.warm.warm_up`: highdicom's imports and tables, each bundle's
+    segment codes, the BINARY form).
+    Without it, models are only loaded.
     """
     states: dict[str, str] = {}
     if run:
         for result in registry.warm_up():
             states[result.name] = (
                 "warm" if result.status == "ready" else f"refused: {result.reason or 'unknown'}"
+            )
+        from pacsai.reporting.warm import warm_up as warm_reporting
+
+        ready = [registry.get(name) for name, state in states.items() if state == "warm"]
+        if ready:
+            seconds = warm_reporting(ready)
+            log.info(
+                "reporting warmed up for %s in %.1f s",
+                ", ".join(bundle.name for bundle in ready),
+                seconds,
+                extra={"action": "reporting_warm"},
             )
         return states
     for name, entry in sorted(registry.entries.items()):

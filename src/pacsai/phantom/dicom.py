@@ -114,15 +114,22 @@ class PhantomStudy:
     grid: Grid | None
 
 
-def default_grid(kind: str, orientation: str = "axial", spacing: float | None = None) -> Grid:
+def default_grid(
+    kind: str,
+    orientation: str = "axial",
+    spacing: float | None = None,
+    fov_mm: tuple[float, float, float] | None = None,
+) -> Grid:
     """The grid :func:`write_phantom` uses for ``kind`` (``"ct"`` or ``"mr"``) and orientation.
 
-    All orientations cover the same (L-R, A-P, S-I) field of view with the same isotropic
-    spacing; the oblique grid is rotated by :data:`OBLIQUE_ANGLES_DEG` and enlarged to cover it.
+    All orientations cover the same (L-R, A-P, S-I) field of view (``fov_mm``, else the kind's
+    default) with the same isotropic spacing; the oblique grid is rotated by
+    :data:`OBLIQUE_ANGLES_DEG` and enlarged to cover it.
     """
     if kind not in ("ct", "mr"):
         raise ValueError(f"kind must be 'ct' or 'mr' for a grid, got {kind!r}")
     fov, default = (CT_FOV_MM, CT_SPACING_MM) if kind == "ct" else (MR_FOV_MM, MR_SPACING_MM)
+    fov = fov if fov_mm is None else fov_mm
     spacing = default if spacing is None else spacing
     if orientation == "axial":
         return Grid.axial(fov, spacing)
@@ -146,6 +153,7 @@ def write_phantom(
     patient_id: str | None = None,
     noise: bool = True,
     spacing: float | None = None,
+    fov_mm: tuple[float, float, float] | None = None,
 ) -> PhantomStudy:
     """Render a phantom and write it, with its ground truth, as a new DICOM study.
 
@@ -167,6 +175,10 @@ def write_phantom(
         Add the phantom's seeded noise.
     spacing : float or None
         CT and MR: isotropic voxel size in mm instead of the default (3 mm CT, 2 mm MR).
+    fov_mm : tuple of float or None
+        CT and MR: the field of view (L-R, A-P, S-I) in mm instead of the default
+        (:data:`CT_FOV_MM`, :data:`MR_FOV_MM`), centred on the same point: with ``spacing`` it
+        gives the grid's size (384 x 384 x 192 mm at 0.75 mm: 512 x 512 x 256 voxels).
 
     Returns
     -------
@@ -198,7 +210,7 @@ def write_phantom(
     outdir = Path(outdir)
     if kind == "cr":
         return _write_cr(outdir, header, seed, noise)
-    return _write_volume(kind, outdir, header, seed, orientation, noise, spacing)
+    return _write_volume(kind, outdir, header, seed, orientation, noise, spacing, fov_mm)
 
 
 # --- common modules -------------------------------------------------------------------------------
@@ -350,8 +362,9 @@ def _write_volume(
     orientation: str,
     noise: bool,
     spacing: float | None = None,
+    fov_mm: tuple[float, float, float] | None = None,
 ) -> PhantomStudy:
-    grid = default_grid(kind, orientation, spacing)
+    grid = default_grid(kind, orientation, spacing, fov_mm)
     phantom: CTAbdomen | MRBrain = CTAbdomen(seed) if kind == "ct" else MRBrain(seed)
     image, labels = phantom.render(grid, noise=noise)
     name = f"{kind.upper()}_{orientation.upper().replace('-', '_')}"
