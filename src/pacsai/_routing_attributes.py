@@ -42,13 +42,10 @@ class RoutingAttributes:
     @classmethod
     def of(cls, header: Dataset) -> RoutingAttributes:
         """The attributes of ``header`` (a data set as read, pixel data or not)."""
-        image_type = _value(header, "ImageType")
-        if isinstance(image_type, str | bytes):  # a single value (VM 1): not its characters
-            image_type = [image_type]
         return cls(
             modality=_text(header, "Modality"),
             series_description=_text(header, "SeriesDescription"),
-            image_type=() if image_type is None else tuple(str(v).upper() for v in image_type),
+            image_type=_image_type(header),
             slice_thickness=_number(_value(header, "SliceThickness")),
             orientation=_orientation(header),
             body_part_examined=_text(header, "BodyPartExamined"),
@@ -98,7 +95,22 @@ def _value(header: Dataset, keyword: str) -> Any:
 
 
 def _text(header: Dataset, keyword: str) -> str:
-    return str(_value(header, keyword) or "")
+    try:
+        return str(_value(header, keyword) or "")
+    except Exception:  # noqa: BLE001 - a value that cannot be shown as text counts as missing
+        return ""
+
+
+def _image_type(header: Dataset) -> tuple[str, ...]:
+    value = _value(header, "ImageType")
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes):  # a single value (VM 1): not its characters
+        value = [value]
+    try:
+        return tuple(str(v).upper() for v in value)
+    except Exception:  # noqa: BLE001 - not a list of values
+        return ()
 
 
 def _number(value: Any) -> float | None:

@@ -231,6 +231,21 @@ def test_routing_attributes_of_a_sparse_header_are_empty_not_missing() -> None:
     assert RoutingAttributes.from_json(attributes.to_json()) == attributes
 
 
+def test_routing_attributes_of_malformed_values_count_them_missing() -> None:
+    header = Dataset()
+    header.add_new(0x00080008, "US", 5)  # ImageType as a number
+    header.add_new(0x00200037, "LO", "upright")  # ImageOrientationPatient as text
+    header.add_new(0x00180050, "LO", "thin")  # SliceThickness
+
+    attributes = RoutingAttributes.of(header)
+
+    assert (attributes.image_type, attributes.orientation, attributes.slice_thickness) == (
+        (),
+        None,
+        None,
+    )
+
+
 @pytest.mark.parametrize(
     "text", [None, "", "not JSON", "[]", '{"modality": "CT"}', '{"modality": "CT", "x": 1}']
 )
