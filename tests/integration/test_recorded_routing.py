@@ -19,10 +19,11 @@ from sqlalchemy import select, update
 
 from pacsai._routing_attributes import RoutingAttributes
 from pacsai.config import Route
-from pacsai.db import Database, Instance, Study, StudyStatus, upgrade, utcnow
-from pacsai.db.jobs import RecordedSeries, study_instances
+from pacsai.db import Database, Instance, JobStatus, Study, StudyStatus, upgrade, utcnow
+from pacsai.db.jobs import RecordedSeries, queue_job, study_instances
 from pacsai.db.repository import ReceivedInstance, StoreOutcome, record_instance
 from pacsai.db.retention import PurgeRule, purge_study
+from pacsai.inference.registry import ModelRegistry
 from pacsai.inference.routing import (
     SeriesInfo,
     StudyInfo,
@@ -30,11 +31,12 @@ from pacsai.inference.routing import (
     read_study,
     recorded_study,
 )
+from pacsai.jobs.runner import JobOutcome, JobRunner
 from pacsai.operations.caller import Caller
 from pacsai.operations.models import plan_stored_study
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import make_ct_slice
+from tests.support import make_ct_slice, make_settings
 
 # Rules on every attribute routing reads, so that any difference between the two
 # descriptions of a study shows in its plan.
@@ -289,3 +291,51 @@ def test_a_purged_series_takes_the_attributes_of_its_next_first_image(
     recorded = _recorded(database, study)
     assert recorded is not None
     assert [s.attributes.series_description for s in recorded] == ["after"]
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def _run_job(database: Database, tmp_path: Path, study_uid: str) -> JobOutcome:
+    route = {"name": "ct", "model": "m", "when": {"Modality": "CT"}, "series": {"min_instances": 5}}
+    settings = make_settings(tmp_path, routes=[route])
+    runner = JobRunner(settings, database, ModelRegistry(tmp_path / "models", device="cpu"))
+    with database.transaction() as session:
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+        assert study_id is not None
+        job_id = queue_job(
+            session=session, study_id=study_id, instance_count=0, now=utcnow(), queue="default"
+        ).id
+    lease = runner.claim(job_id=job_id)
+    assert lease is not None
+    outcome = runner.run(lease)
+    assert outcome is not None
+    return outcome
+
+
+def test_the_job_routes_from_the_rows_without_reading_a_file(
+    database: Database, tmp_path: Path
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    for _ in range(3):  # rows only: no file was ever written
+        _record(database, _image(study, series, "abdomen"))
+
+    outcome = _run_job(database, tmp_path, study)
+
+    assert outcome.status is JobStatus.SKIPPED
+    assert outcome.reason == (
+        f"route 'ct': no usable series ({series}: 3 images < min_instances 5)"
+    )
+    assert "route" in outcome.timings
+
+
+def test_the_job_of_a_study_without_an_image_says_so(database: Database, tmp_path: Path) -> None:
+    study = generate_uid()
+    _record(database, _image(study, generate_uid(), "", frames=0, routing_attributes=None))
+
+    outcome = _run_job(database, tmp_path, study)
+
+    assert outcome.status is JobStatus.FAILED
+    assert outcome.reason == (
+        f"study {study} has no image: none of its 1 instances has Rows and Columns"
+    )

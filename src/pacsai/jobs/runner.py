@@ -303,6 +303,10 @@ class JobRunner:
             )
             for one in context.series
         ]
+        if not context.paths:
+            raise InferenceError(
+                f"study {context.study_instance_uid} holds no instance any more: was it purged?"
+            )
         if not series:
             raise InferenceError(
                 f"study {context.study_instance_uid} has no image: none of its "
