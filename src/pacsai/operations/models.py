@@ -189,7 +189,8 @@ def plan_stored_study(
         ]
         info = recorded_study(study_instance_uid, series, calling)
     elif instances.series is not None:
-        raise ConflictError(f"study {study_instance_uid} has no image instance to route")
+        what = "no image instance to route" if instances.paths else "no instance any more"
+        raise ConflictError(f"study {study_instance_uid} has {what}")
     else:
         try:
             paths = [root / path for path in instances.paths]
