@@ -67,11 +67,11 @@ class RoutingAttributes:
             return None
         try:
             values = json.loads(text)
-        except ValueError:
+            if not isinstance(values, dict) or set(values) != set(_NAMES):
+                return None
+            values["image_type"] = tuple(values["image_type"])
+        except (ValueError, TypeError):
             return None
-        if not isinstance(values, dict) or set(values) != set(_NAMES):
-            return None
-        values["image_type"] = tuple(values["image_type"])
         return cls(**values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -247,10 +248,25 @@ def test_routing_attributes_of_malformed_values_count_them_missing() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", [None, "", "not JSON", "[]", '{"modality": "CT"}', '{"modality": "CT", "x": 1}']
+    "text",
+    [
+        None,
+        "",
+        "not JSON",
+        "[]",
+        '{"modality": "CT"}',
+        '{"modality": "CT", "x": 1}',
+    ],
 )
 def test_a_record_of_other_attributes_is_no_record(text: str | None) -> None:
     assert RoutingAttributes.from_json(text) is None
+
+
+def test_a_record_with_a_malformed_value_is_no_record() -> None:
+    record = json.loads(RoutingAttributes.of(Dataset()).to_json())
+    record["image_type"] = 5
+
+    assert RoutingAttributes.from_json(json.dumps(record)) is None
 
 
 def test_image_frames_counts_images_and_nothing_for_a_non_image() -> None:
