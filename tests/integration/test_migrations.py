@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Boolean, DateTime, Float, Integer, MetaData, Table, inspect
 
-from pacsai.db import Base, Database, Delivery, current_revision, head_revision, upgrade
+from pacsai._routing_attributes import RoutingAttributes
+from pacsai.db import (
+    Base,
+    Database,
+    Delivery,
+    current_revision,
+    head_revision,
+    upgrade,
+    utcnow,
+)
+from pacsai.db.jobs import study_instances
+from pacsai.db.repository import ReceivedInstance, record_instance
+from tests.support import make_ct_slice
 
 
 def test_upgrade_of_an_empty_database_matches_the_models(database_url: str) -> None:
@@ -74,4 +88,52 @@ def test_deliveries_made_before_0010_belong_to_their_result_s_job(database_url: 
             "dicom",
             None,
         )
+    database.dispose()
+
+
+def test_a_study_with_instances_recorded_before_0012_is_routed_from_its_files(
+    database_url: str,
+) -> None:
+    database = Database(database_url)
+    upgrade(database, "0011")
+    with database.engine.begin() as connection:
+        study = _insert(connection, "studies", study_instance_uid="1.2.3", status="RECEIVING")
+        series = _insert(connection, "series", study_id=study, series_instance_uid="1.2.3.4")
+        _insert(
+            connection,
+            "instances",
+            study_id=study,
+            series_id=series,
+            sop_instance_uid="1.2.3.4.1",
+            path="old.dcm",
+        )
+
+    upgrade(database)
+    header = make_ct_slice(study_uid="1.2.3", series_uid="1.2.3.4", index=1)
+    with database.transaction() as session:  # an image of the same series, after the upgrade
+        record_instance(
+            session=session,
+            item=ReceivedInstance(
+                sop_class_uid=header.SOPClassUID,
+                sop_instance_uid="1.2.3.4.2",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.4",
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                path="new.dcm",
+                size_bytes=1,
+                sha256="2",
+                frames=1,
+                routing_attributes=RoutingAttributes.of(header).to_json(),
+            ),
+            association_id=None,
+            calling_ae_title="CT",
+            remote_address="127.0.0.1",
+            quiet_seconds=1.0,
+            now=utcnow(),
+        )
+
+    with database.reading() as session:
+        instances = study_instances(session=session, study_id=study)
+    assert instances.paths == (Path("old.dcm"), Path("new.dcm"))
+    assert instances.series is None  # the old row does not say whether it is an image
     database.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, MRImageStorage, generate_uid
 
+from pacsai._routing_attributes import RoutingAttributes, image_frames
 from pacsai.config import Route, SeriesRule, StudyRule, load_settings
 from pacsai.errors import ConfigError
 from pacsai.inference.bundle import BundleInfo
@@ -181,7 +183,100 @@ def test_series_orientation(orientation: list[float] | None, expected: str | Non
     if orientation is not None:
         header.ImageOrientationPatient = orientation
 
-    assert SeriesInfo("1.2.3", header).orientation == expected
+    assert RoutingAttributes.of(header).orientation == expected
+    assert SeriesInfo("1.2.3", RoutingAttributes.of(header)).orientation == expected
+
+
+# --- what the receiver records for routing ------------------------------------------------------
+
+
+def test_routing_attributes_read_a_header_as_the_rules_do() -> None:
+    header = make_ct_slice(study_uid=generate_uid(), series_uid=generate_uid(), index=0)
+    header.ImageType = ["original", "PRIMARY", "AXIAL"]
+    header.SliceThickness = "1.25"
+    header.SeriesDescription = "Abdomen 1.25mm"
+    header.BodyPartExamined = "ABDOMEN"
+    header.ReferringPhysicianName = "Doe^Jane"
+    header.InstitutionName = "General Hospital"
+    header.StudyDescription = "CT ABDOMEN"
+
+    attributes = RoutingAttributes.of(header)
+
+    assert attributes == RoutingAttributes(
+        modality="CT",
+        series_description="Abdomen 1.25mm",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        slice_thickness=1.25,
+        orientation="axial",
+        body_part_examined="ABDOMEN",
+        study_description="CT ABDOMEN",
+        institution_name="General Hospital",
+        referring_physician_name="Doe^Jane",
+    )
+    assert RoutingAttributes.from_json(attributes.to_json()) == attributes
+
+
+def test_routing_attributes_of_a_sparse_header_are_empty_not_missing() -> None:
+    header = Dataset()
+    header.ImageType = "DERIVED"  # one value: not read as its letters
+    header.SliceThickness = ""
+
+    attributes = RoutingAttributes.of(header)
+
+    assert attributes.image_type == ("DERIVED",)
+    assert (attributes.modality, attributes.slice_thickness, attributes.orientation) == (
+        "",
+        None,
+        None,
+    )
+    assert RoutingAttributes.from_json(attributes.to_json()) == attributes
+
+
+def test_routing_attributes_of_malformed_values_count_them_missing() -> None:
+    header = Dataset()
+    header.add_new(0x00080008, "US", 5)  # ImageType as a number
+    header.add_new(0x00200037, "LO", "upright")  # ImageOrientationPatient as text
+    header.add_new(0x00180050, "LO", "thin")  # SliceThickness
+
+    attributes = RoutingAttributes.of(header)
+
+    assert (attributes.image_type, attributes.orientation, attributes.slice_thickness) == (
+        (),
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "not JSON",
+        "[]",
+        '{"modality": "CT"}',
+        '{"modality": "CT", "x": 1}',
+    ],
+)
+def test_a_record_of_other_attributes_is_no_record(text: str | None) -> None:
+    assert RoutingAttributes.from_json(text) is None
+
+
+def test_a_record_with_a_malformed_value_is_no_record() -> None:
+    record = json.loads(RoutingAttributes.of(Dataset()).to_json())
+    record["image_type"] = 5
+
+    assert RoutingAttributes.from_json(json.dumps(record)) is None
+
+
+def test_image_frames_counts_images_and_nothing_for_a_non_image() -> None:
+    single = make_ct_slice(study_uid=generate_uid(), series_uid=generate_uid(), index=0)
+    report = Dataset()
+    report.Modality = "SR"
+
+    assert image_frames(single) == 1
+    assert image_frames(make_enhanced_ct(frames=5)) == 5
+    assert image_frames(report) == 0
 
 
 # --- when: ------------------------------------------------------------------------------------

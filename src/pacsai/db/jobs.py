@@ -22,13 +22,16 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from pacsai.db.models import Instance, Job, JobStatus, Result, ResultKind, Study
+from pacsai._routing_attributes import RoutingAttributes
+from pacsai.db.models import Instance, Job, JobStatus, Result, ResultKind, Series, Study
 from pacsai.errors import LeaseLostError
 
 __all__ = [
     "JobContext",
     "JobLease",
     "LostJob",
+    "RecordedSeries",
+    "StudyInstances",
     "add_result",
     "claim_job",
     "finish_job",
@@ -37,6 +40,7 @@ __all__ = [
     "queue_job",
     "release_lost_jobs",
     "renew_job_leases",
+    "study_instances",
 ]
 
 
@@ -260,6 +264,17 @@ def finish_job(
 
 
 @dataclass(frozen=True)
+class RecordedSeries:
+    """An image series of a stored study as the receiver recorded it (see
+    :class:`~pacsai._routing_attributes.RoutingAttributes`)."""
+
+    series_instance_uid: str
+    attributes: RoutingAttributes  # of its first image
+    paths: tuple[Path, ...]  # of its images, in the order received; relative to the spool
+    images: int
+
+
+@dataclass(frozen=True)
 class JobContext:
     """What a worker needs to know about a job's study."""
 
@@ -273,30 +288,74 @@ class JobContext:
     uid_salt: str = ""
     queue: str = "default"
     routes: tuple[str, ...] | None = None  # the only routes this job runs (None: all that fire)
+    # Its image series in the order of their first image; None: an instance was recorded
+    # before the receiver recorded what routing reads (or since replaced): read the files.
+    series: tuple[RecordedSeries, ...] | None = None
 
 
 def job_context(*, session: Session, job_id: int) -> JobContext:
-    """The study of ``job_id`` and the spool paths of all its instances."""
+    """The study of ``job_id``, the spool paths of all its instances and its image series."""
     job = session.get(Job, job_id)
     if job is None:
         raise LookupError(f"job {job_id} does not exist")
     study = session.get(Study, job.study_id)
     assert study is not None
-    paths = session.scalars(
-        select(Instance.path).where(Instance.study_id == study.id).order_by(Instance.id)
-    ).all()
+    instances = study_instances(session=session, study_id=study.id)
     return JobContext(
         job_id=job.id,
         study_id=study.id,
         study_instance_uid=study.study_instance_uid,
         patient_id=study.patient_id,
         calling_ae_title=study.calling_ae_title,
-        paths=tuple(Path(p) for p in paths),
+        paths=instances.paths,
         resend=bool(job.resend),
         uid_salt=job.uid_salt or "",
         queue=job.queue,
         routes=tuple(json.loads(job.routes)) if job.routes else None,
+        series=instances.series,
     )
+
+
+@dataclass(frozen=True)
+class StudyInstances:
+    """The instances of a stored study: every file, and its image series as recorded."""
+
+    paths: tuple[Path, ...]  # in the order received; relative to storage.spool_dir
+    # In the order of their first image; None when an instance row lacks what routing reads
+    # (recorded before migration 0012, or since replaced in a way that may change a series'
+    # first image): route from the files' headers then.
+    series: tuple[RecordedSeries, ...] | None
+
+
+def study_instances(*, session: Session, study_id: int) -> StudyInstances:
+    """The spool paths of a stored study's instances and its image series (one query)."""
+    rows = session.execute(
+        select(
+            Instance.path,
+            Instance.frames,
+            Series.series_instance_uid,
+            Series.routing_attributes,
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Instance.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    paths = tuple(Path(row.path) for row in rows)
+    if any(row.frames is None for row in rows):
+        return StudyInstances(paths, None)
+    grouped: dict[str, tuple[str | None, list[Path], list[int]]] = {}
+    for row, path in zip(rows, paths, strict=True):
+        if row.frames:  # an image: routing sees only those
+            one = grouped.setdefault(row.series_instance_uid, (row.routing_attributes, [], []))
+            one[1].append(path)
+            one[2].append(row.frames)
+    series = []
+    for uid, (recorded, image_paths, frames) in grouped.items():
+        attributes = RoutingAttributes.from_json(recorded)
+        if attributes is None:
+            return StudyInstances(paths, None)
+        series.append(RecordedSeries(uid, attributes, tuple(image_paths), sum(frames)))
+    return StudyInstances(paths, tuple(series))
 
 
 def add_result(

@@ -192,6 +192,10 @@ class Series(Base):
     series_description: Mapped[str | None] = mapped_column(String(64))
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # What the routing rules read from the header of its first image (RoutingAttributes as
+    # JSON), so that a job routes from rows instead of files; null before its first image or
+    # before 0012, and "" once a replaced instance may have changed which image is first.
+    routing_attributes: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -233,6 +237,8 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     instance_number: Mapped[int | None] = mapped_column(Integer)
+    # Images it holds (NumberOfFrames, 1, or 0 for an SR or other non-image); null before 0012.
+    frames: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(400))  # relative to storage.spool_dir
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))  # of the dataset as sent, file meta excluded

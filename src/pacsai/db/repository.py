@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import Text, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -53,7 +53,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ReceivedInstance:
-    """What the receiver parsed from an instance's header, and where its bytes now are."""
+    """What the receiver parsed from an instance's header, and where its bytes now are.
+
+    ``frames`` and ``routing_attributes`` (:class:`RoutingAttributes` as JSON, for an image)
+    are what routing reads; without them the study is routed from its files.
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -73,6 +77,12 @@ class ReceivedInstance:
     series_description: str | None = None
     body_part_examined: str | None = None
     instance_number: int | None = None
+    frames: int | None = None
+    routing_attributes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.frames and self.routing_attributes is None:
+            raise ValueError("an image (frames > 0) needs its routing attributes")
 
 
 class StoreOutcome(enum.StrEnum):
@@ -127,7 +137,14 @@ def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None
 # The statements of the receive path, built once: building them per instance cost more than
 # running them. They run on the session's connection (Core), not through the ORM.
 _EXISTING_INSTANCE = (
-    select(Instance.id, Instance.sha256, Instance.path, Instance.study_id, Instance.series_id)
+    select(
+        Instance.id,
+        Instance.sha256,
+        Instance.path,
+        Instance.study_id,
+        Instance.series_id,
+        Instance.frames,
+    )
     .where(Instance.sop_instance_uid == bindparam("b_sop_instance_uid"))
     .with_for_update()
 )
@@ -146,8 +163,15 @@ _COUNT_INTO_STUDY = (
 _COUNT_INTO_SERIES = (
     update(Series)
     .where(Series.series_instance_uid == bindparam("b_series_instance_uid"))
-    .values(instance_count=Series.instance_count + 1)
-    .returning(Series.id, Series.study_id)
+    .values(
+        instance_count=Series.instance_count + 1,
+        # the first image's attributes stay: the series row is locked from here to the commit,
+        # so that image also has the lowest instance id of the series' images
+        routing_attributes=func.coalesce(
+            Series.routing_attributes, bindparam("b_routing_attributes", type_=Text())
+        ),
+    )
+    .returning(Series.id, Series.study_id, Series.routing_attributes)
 )
 _INSERT_INSTANCE = insert(Instance)
 
@@ -195,10 +219,16 @@ def _touch_study(
     return int(study_id)
 
 
-def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) -> int:
-    """Count an instance into its series, creating the series on its first instance."""
+def _touch_series(
+    session: Session, item: ReceivedInstance, *, study_id: int
+) -> tuple[int, str | None]:
+    """Count an instance into its series, creating the series on its first instance; the
+    series' id and its routing attributes as now recorded (the first image's)."""
     connection = session.connection()
-    params = {"b_series_instance_uid": item.series_instance_uid}
+    params = {
+        "b_series_instance_uid": item.series_instance_uid,
+        "b_routing_attributes": item.routing_attributes if item.frames else None,
+    }
     row = connection.execute(_COUNT_INTO_SERIES, params).one_or_none()
     if row is None:
         _insert_ignoring_conflict(
@@ -221,7 +251,7 @@ def _touch_series(session: Session, item: ReceivedInstance, *, study_id: int) ->
             f"Series Instance UID {item.series_instance_uid} already belongs to another study; "
             "the sender reuses UIDs across studies"
         )
-    return int(row.id)
+    return int(row.id), row.routing_attributes
 
 
 def record_instance(
@@ -260,7 +290,7 @@ def record_instance(
     study_id = _touch_study(
         session, item, calling_ae_title=calling_ae_title, quiet_seconds=quiet_seconds, now=now
     )
-    series_id = _touch_series(session, item, study_id=study_id)
+    series_id, routing_attributes = _touch_series(session, item, study_id=study_id)
     columns: dict[str, Any] = {
         "study_id": study_id,
         "series_id": series_id,
@@ -268,6 +298,7 @@ def record_instance(
         "sop_class_uid": item.sop_class_uid,
         "transfer_syntax_uid": item.transfer_syntax_uid,
         "instance_number": item.instance_number,
+        "frames": item.frames,
         "path": item.path,
         "size_bytes": item.size_bytes,
         "sha256": item.sha256,
@@ -297,6 +328,14 @@ def record_instance(
         .where(Instance.id == existing.id)
         .values(replaced_count=Instance.replaced_count + 1, **columns)
     )
+    if not _keeps_first_image(existing, item, series_id, routing_attributes):
+        # The row keeps its place (id) among the images: it may now be, or no longer be, the
+        # first image of a series. Both series are routed from their files from now on.
+        session.execute(
+            update(Series)
+            .where(Series.id.in_({existing.series_id, series_id}))
+            .values(routing_attributes="")
+        )
     append_event(
         session=session,
         event_id=AuditEventId.INSTANCES_TRANSFERRED,
@@ -317,6 +356,19 @@ def record_instance(
         },
     )
     return RecordResult(StoreOutcome.REPLACED, old_path=existing.path)
+
+
+def _keeps_first_image(
+    existing: Any, item: ReceivedInstance, series_id: int, routing_attributes: str | None
+) -> bool:
+    """Whether replacing ``existing`` by ``item`` leaves the routing attributes recorded for
+    its series true: the same series, an image before and after (or neither), with the same
+    attributes as the series' first image (this one, or an earlier one)."""
+    if existing.frames is None or item.frames is None or existing.series_id != series_id:
+        return False
+    if bool(existing.frames) != bool(item.frames):
+        return False
+    return not item.frames or item.routing_attributes == routing_attributes
 
 
 def record_instances(

@@ -315,7 +315,11 @@ def _remove_instances(session: Session, study: Study, purge: StudyPurge, now: da
         .order_by(Series.id)
     ).all()
     session.execute(delete(Instance).where(Instance.study_id == study.id))
-    session.execute(update(Series).where(Series.study_id == study.id).values(instance_count=0))
+    session.execute(
+        update(Series)
+        .where(Series.study_id == study.id)
+        .values(instance_count=0, routing_attributes=None)  # the next first image sets them
+    )
     study.instance_count = 0
     study.purged_at = now
     purge.instances_removed = True

@@ -1,7 +1,8 @@
 """Which model runs on which series of a study: the ``routes:`` rules of the configuration.
 
-A study is described by the headers of its instances (read without pixel data), grouped into
-series. Every route whose ``when:`` holds for the study fires; its ``series:`` rule then picks the
+A study is described by the headers of its images, grouped into series: as the receiver
+recorded them (:func:`recorded_study`), or read again from the files (:func:`read_study`).
+Every route whose ``when:`` holds for the study fires; its ``series:`` rule then picks the
 series to run on. A route that fires but finds no usable series, and a study no route fires on,
 are reported with a reason a person can act on; the job stores it.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from pacsai._routing_attributes import RoutingAttributes, image_frames
 from pacsai.config import Route, SeriesRule, Settings, StudyRule
 from pacsai.inference.bundle import BundleInfo
 
@@ -30,6 +31,7 @@ __all__ = [
     "default_routes",
     "plan_study",
     "read_study",
+    "recorded_study",
     "routes_for",
     "scan_folder",
 ]
@@ -39,52 +41,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SeriesInfo:
-    """One series of a study, from the header of its first instance and its instance count."""
+    """One series of a study: what the rules read from its first image, its image instances
+    (their files, in the order received) and its number of images (frames)."""
 
     series_instance_uid: str
-    header: Dataset
+    attributes: RoutingAttributes
     paths: list[Path] = field(default_factory=list)
     images: int = 0
 
     @property
     def modality(self) -> str:
-        return str(self.header.get("Modality", "") or "")
+        return self.attributes.modality
 
     @property
     def description(self) -> str:
-        return str(self.header.get("SeriesDescription", "") or "")
+        return self.attributes.series_description
 
     @property
     def image_type(self) -> list[str]:
-        value = self.header.get("ImageType")
-        return [] if value is None else [str(v).upper() for v in value]
+        return list(self.attributes.image_type)
 
     @property
     def slice_thickness(self) -> float | None:
-        value = self.header.get("SliceThickness")
-        try:
-            return float(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            return None
+        return self.attributes.slice_thickness
 
     @property
     def orientation(self) -> str | None:
         """``axial``, ``sagittal`` or ``coronal``: the patient axis closest to the normal."""
-        iop = self.header.get("ImageOrientationPatient")
-        if iop is None:
-            shared = self.header.get("SharedFunctionalGroupsSequence")
-            try:
-                iop = shared[0].PlaneOrientationSequence[0].ImageOrientationPatient
-            except (AttributeError, IndexError, TypeError):
-                return None
-        try:
-            values = np.asarray([float(v) for v in iop], dtype=float)
-        except (TypeError, ValueError):
-            return None
-        if values.shape != (6,):
-            return None
-        normal = np.abs(np.cross(values[:3], values[3:]))
-        return ("sagittal", "coronal", "axial")[int(normal.argmax())]
+        return self.attributes.orientation
 
     def describe(self) -> str:
         return (
@@ -95,10 +79,10 @@ class SeriesInfo:
 
 @dataclass
 class StudyInfo:
-    """A study as the routing rules see it."""
+    """A study as the routing rules see it: its study-level attributes are its first image's."""
 
     study_instance_uid: str
-    header: Dataset
+    attributes: RoutingAttributes
     calling_ae_title: str = ""
     series: list[SeriesInfo] = field(default_factory=list)
 
@@ -229,7 +213,6 @@ def _one_or_more(value: str | list[str]) -> list[str]:
 
 
 def _study_mismatch(rule: StudyRule, study: StudyInfo) -> str | None:
-    header = study.header
     if rule.Modality is not None:
         wanted = {m.upper() for m in _one_or_more(rule.Modality)}
         if not wanted & {m.upper() for m in study.modalities}:
@@ -237,12 +220,15 @@ def _study_mismatch(rule: StudyRule, study: StudyInfo) -> str | None:
             return f"study modalities {found} are not {', '.join(sorted(wanted))}"
     if rule.BodyPartExamined is not None:
         wanted = {b.upper() for b in _one_or_more(rule.BodyPartExamined)}
-        parts = {str(s.header.get("BodyPartExamined", "") or "").upper() for s in study.series}
+        parts = {s.attributes.body_part_examined.upper() for s in study.series}
         if not wanted & parts:
             return f"BodyPartExamined is not {', '.join(sorted(wanted))}"
-    for keyword in ("StudyDescription", "InstitutionName", "ReferringPhysicianName"):
+    for keyword, value in (
+        ("StudyDescription", study.attributes.study_description),
+        ("InstitutionName", study.attributes.institution_name),
+        ("ReferringPhysicianName", study.attributes.referring_physician_name),
+    ):
         pattern = getattr(rule, keyword)
-        value = str(header.get(keyword, "") or "")
         if pattern is not None and not re.search(pattern, value, re.IGNORECASE):
             return f"{keyword} does not match {pattern!r}"
     if rule.CallingAETitle is not None:
@@ -296,13 +282,34 @@ def _select_series(
 
 
 def read_study(study_instance_uid: str, paths: Iterable[Path], calling_ae_title: str) -> StudyInfo:
-    """Describe a study from its stored instance files (headers only)."""
+    """Describe a study from its stored instance files (headers only).
+
+    A job routes from what the receiver recorded (:func:`recorded_study`) and reads the files
+    only for studies recorded before it did so.
+    """
     studies = _group(paths)
     study = studies.get(study_instance_uid)
     if study is None:
         raise FileNotFoundError(f"no readable instance of study {study_instance_uid}")
     study.calling_ae_title = calling_ae_title
     return study
+
+
+def recorded_study(
+    study_instance_uid: str, series: Sequence[SeriesInfo], calling_ae_title: str
+) -> StudyInfo:
+    """Describe a study from its image series as the receiver recorded them, in the order of
+    their first image: the study-level attributes are the first series' (its first image's),
+    as :func:`read_study` takes them from the first image file.
+
+    Raises
+    ------
+    ValueError
+        If ``series`` is empty: a study with no image has nothing to route.
+    """
+    if not series:
+        raise ValueError(f"study {study_instance_uid} has no image series")
+    return StudyInfo(study_instance_uid, series[0].attributes, calling_ae_title, list(series))
 
 
 def scan_folder(folder: Path) -> list[StudyInfo]:
@@ -320,25 +327,18 @@ def _group(paths: Iterable[Path]) -> dict[str, StudyInfo]:
             continue
         study_uid = str(header.get("StudyInstanceUID", "") or "")
         series_uid = str(header.get("SeriesInstanceUID", "") or "")
-        if not study_uid or not series_uid or not _has_frames(header):
+        frames = image_frames(header)
+        if not study_uid or not series_uid or not frames:
             continue
-        study = studies.setdefault(study_uid, StudyInfo(study_uid, header))
-        series = next((s for s in study.series if s.series_instance_uid == series_uid), None)
+        study = studies.get(study_uid)
+        series = None
+        if study is not None:
+            series = next((s for s in study.series if s.series_instance_uid == series_uid), None)
         if series is None:
-            series = SeriesInfo(series_uid, header)
+            series = SeriesInfo(series_uid, RoutingAttributes.of(header))
+            if study is None:
+                study = studies[study_uid] = StudyInfo(study_uid, series.attributes)
             study.series.append(series)
         series.paths.append(path)
-        series.images += _frames(header)
+        series.images += frames
     return studies
-
-
-def _has_frames(header: Dataset) -> bool:
-    # stop_before_pixels drops PixelData, so an image is recognised by its pixel description.
-    return "Rows" in header and "Columns" in header
-
-
-def _frames(header: Dataset) -> int:
-    try:
-        return max(1, int(header.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1

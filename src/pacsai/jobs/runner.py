@@ -53,7 +53,15 @@ from pacsai.errors import (
 )
 from pacsai.inference.labels import label_voxel_counts
 from pacsai.inference.registry import ModelRegistry
-from pacsai.inference.routing import PlannedRun, plan_study, read_study, routes_for
+from pacsai.inference.routing import (
+    PlannedRun,
+    SeriesInfo,
+    StudyInfo,
+    plan_study,
+    read_study,
+    recorded_study,
+    routes_for,
+)
 from pacsai.inference.volume import Volume, load_datasets, read_series
 from pacsai.jobs.study_messages import StudyMessages, describe_targets, plan_study_messages
 from pacsai.storage import FileStore, SharedDirectory
@@ -247,11 +255,7 @@ class JobRunner:
         outcome = JobOutcome(JobStatus.SUCCEEDED)
         timings = outcome.timings
         with _timed(timings, "route"):
-            paths = [self.spool.local_path(p.as_posix()) for p in context.paths]
-            try:
-                study = read_study(context.study_instance_uid, paths, context.calling_ae_title)
-            except FileNotFoundError as exc:
-                raise InferenceError(f"{exc}: were the spool files removed?") from exc
+            study = self._study(context)
             routes = self.routes
             if context.routes is not None:
                 routes = [route for route in routes if route.name in context.routes]
@@ -280,6 +284,35 @@ class JobRunner:
         else:
             outcome.status, outcome.reason = JobStatus.SKIPPED, "; ".join(notes)
         return outcome
+
+    def _study(self, context: JobContext) -> StudyInfo:
+        """The job's study as routing sees it: from what the receiver recorded, or from the
+        headers of its files when its rows predate that."""
+        if context.series is None:
+            paths = [self.spool.local_path(p.as_posix()) for p in context.paths]
+            try:
+                return read_study(context.study_instance_uid, paths, context.calling_ae_title)
+            except FileNotFoundError as exc:
+                raise InferenceError(f"{exc}: were the spool files removed?") from exc
+        series = [
+            SeriesInfo(
+                one.series_instance_uid,
+                one.attributes,
+                [self.spool.local_path(p.as_posix()) for p in one.paths],
+                one.images,
+            )
+            for one in context.series
+        ]
+        if not context.paths:
+            raise InferenceError(
+                f"study {context.study_instance_uid} holds no instance any more: was it purged?"
+            )
+        if not series:
+            raise InferenceError(
+                f"study {context.study_instance_uid} has no image: none of its "
+                f"{len(context.paths)} instances has Rows and Columns"
+            )
+        return recorded_study(context.study_instance_uid, series, context.calling_ae_title)
 
     def _hand_over(
         self, context: JobContext, lease: JobLease, runs: list[PlannedRun]

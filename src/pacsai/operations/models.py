@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import select
 
 from pacsai.config import Settings
-from pacsai.db import Database, Instance, Study
+from pacsai.db import Database, Study
+from pacsai.db.jobs import study_instances
 from pacsai.errors import PacsaiError
 from pacsai.inference.labels import Code
 from pacsai.operations._audit import record_read
@@ -155,35 +156,49 @@ def plan_stored_study(
     registry: ModelRegistry | None,
     study_instance_uid: str,
 ) -> RoutingPlan:
-    """Route a study stored on this node as a job would (``pacsai routes test`` on its spool
-    files), reading headers only; audited (110112) as a read of the study.
+    """Route a study stored on this node as a job would: from what the receiver recorded, or
+    from the headers of its spool files (``pacsai routes test``) when its rows predate that;
+    audited (110112) as a read of the study.
 
     Raises
     ------
     NotFoundError
         If no such study is stored here.
     ConflictError
-        If none of its instance files can be read any more.
+        If it has no image, or none of its instance files can be read any more.
     """
-    from pacsai.inference.routing import plan_study, read_study, routes_for
+    from pacsai.inference.routing import (
+        SeriesInfo,
+        plan_study,
+        read_study,
+        recorded_study,
+        routes_for,
+    )
 
     with database.reading() as session:
         study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
         if study is None:
             raise NotFoundError(f"no study {study_instance_uid} on this node")
-        paths = list(
-            session.scalars(
-                select(Instance.path).where(Instance.study_id == study.id).order_by(Instance.id)
-            )
-        )
+        instances = study_instances(session=session, study_id=study.id)
         calling, patient_id = study.calling_ae_title, study.patient_id
     root = Path(settings.storage.spool_dir)
-    try:
-        info = read_study(study_instance_uid, [root / path for path in paths], calling)
-    except FileNotFoundError as exc:
-        raise ConflictError(
-            f"no instance file of study {study_instance_uid} can be read in {root}"
-        ) from exc
+    if instances.series:
+        series = [
+            SeriesInfo(s.series_instance_uid, s.attributes, [root / p for p in s.paths], s.images)
+            for s in instances.series
+        ]
+        info = recorded_study(study_instance_uid, series, calling)
+    elif instances.series is not None:
+        what = "no image instance to route" if instances.paths else "no instance any more"
+        raise ConflictError(f"study {study_instance_uid} has {what}")
+    else:
+        try:
+            paths = [root / path for path in instances.paths]
+            info = read_study(study_instance_uid, paths, calling)
+        except FileNotFoundError as exc:
+            raise ConflictError(
+                f"no instance file of study {study_instance_uid} can be read in {root}"
+            ) from exc
     registry = registry_of(settings, registry)
     plan = plan_study(info, routes_for(settings, lambda: registry.bundles))
     record_read(

@@ -14,6 +14,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from pacsai._routing_attributes import RoutingAttributes, image_frames
 from pacsai.errors import InvalidInstanceError, UnreadableInstanceError
 from pacsai.scp.uids import validate_uid
 
@@ -43,6 +44,8 @@ class InstanceHeader:
     series_description: str | None
     body_part_examined: str | None
     instance_number: int | None
+    frames: int  # images it holds: NumberOfFrames, 1, or 0 for a non-image such as an SR
+    routing_attributes: str | None  # of an image: what routing reads (RoutingAttributes JSON)
 
 
 def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
@@ -189,6 +192,7 @@ def read_header(
             f"SOP Instance UID {sop_instance_uid} in the data set differs from the C-STORE "
             f"request's Affected SOP Instance UID {affected_sop_instance_uid}"
         )
+    frames = image_frames(ds)
     header = InstanceHeader(
         sop_class_uid=sop_class_uid,
         sop_instance_uid=sop_instance_uid,
@@ -204,6 +208,9 @@ def read_header(
         series_description=_text(ds, "SeriesDescription", 64),
         body_part_examined=_text(ds, "BodyPartExamined", 16),
         instance_number=_integer(ds, "InstanceNumber"),
+        frames=frames,
+        # read here, from the header parsed anyway, so that the job need not read it again
+        routing_attributes=RoutingAttributes.of(ds).to_json() if frames else None,
     )
     _check_pixels(ds, UID(sop_class_uid), transfer_syntax)
     return header

@@ -156,6 +156,8 @@ class InstanceStore:
             series_description=header.series_description,
             body_part_examined=header.body_part_examined,
             instance_number=header.instance_number,
+            frames=header.frames,
+            routing_attributes=header.routing_attributes,
         )
         try:
             result = self.committer.record(
