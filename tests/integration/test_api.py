@@ -601,9 +601,7 @@ def test_readiness_waits_for_the_models_to_be_warm_on_a_live_worker(
     beat({"ct_abdomen_demo": "warm", "swin_unetr_btcv_segmentation": refused})
     status, check = models()
     assert status == 200 and check["ok"] is True
-    assert check["detail"] == (
-        f"ct_abdomen_demo: warm; swin_unetr_btcv_segmentation: {refused}"
-    )
+    assert check["detail"] == (f"ct_abdomen_demo: warm; swin_unetr_btcv_segmentation: {refused}")
 
 
 def _samples(exposition: str) -> dict[str, float]:
