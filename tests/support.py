@@ -22,7 +22,8 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy.exc import OperationalError
 
 from pacsai.config import Settings
-from pacsai.db import Database, Delivery
+from pacsai.db import Database, Delivery, utcnow
+from pacsai.db.workers import heartbeat_worker, register_worker
 
 REPO = Path(__file__).resolve().parents[1]
 Row = TypeVar("Row")
@@ -63,6 +64,32 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def report_worker(database: Database, models: dict[str, str], *, worker_id: str = "") -> str:
+    """A worker of another host, registered (unless ``worker_id`` names one) and heartbeating
+    now with ``models`` (name -> "warm", "loading" or why not), as a real worker reports itself
+    to ``/readyz``; its id."""
+    with database.transaction() as session:
+        if not worker_id:
+            worker_id = register_worker(
+                session=session,
+                node_id="elsewhere",
+                name="worker",
+                host="elsewhere",
+                pid=os.getpid(),
+                backend="local",
+                device="cpu",
+                queues=["*"],
+                concurrency=1,
+                version="test",
+                now=utcnow(),
+                is_alive=lambda pid: True,
+            ).worker_id
+        heartbeat_worker(
+            session=session, worker_id=worker_id, pid=os.getpid(), now=utcnow(), models=models
+        )
+    return worker_id
 
 
 def db_rows(database: Database, model: type[Row], *where: Any) -> list[Row]:

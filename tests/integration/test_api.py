@@ -35,11 +35,17 @@ from pacsai.db import (
     utcnow,
 )
 from pacsai.db.tokens import create_token, revoke_token
-from pacsai.db.workers import heartbeat_worker, register_worker
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import REPO, SeededStudy, make_settings, seed_study, wait_for
+from tests.support import (
+    REPO,
+    SeededStudy,
+    make_settings,
+    report_worker,
+    seed_study,
+    wait_for,
+)
 
 PROBLEM = "application/problem+json"
 CT_SUMMARY = {
@@ -571,37 +577,18 @@ def test_readiness_waits_for_the_models_to_be_warm_on_a_live_worker(
     assert status == 503 and check["ok"] is False
     assert "ct_abdomen_demo: not loaded by any live worker" in check["detail"]
 
-    with api.database.transaction() as session:
-        worker = register_worker(
-            session=session,
-            node_id="test-node",
-            name="worker",
-            host="elsewhere",
-            pid=os.getpid(),
-            backend="local",
-            device="cpu",
-            queues=["*"],
-            concurrency=1,
-            version="test",
-            now=utcnow(),
-            is_alive=lambda pid: True,
-        ).worker_id
-
-    def beat(states: dict[str, str]) -> None:
-        with api.database.transaction() as session:
-            heartbeat_worker(
-                session=session, worker_id=worker, pid=os.getpid(), now=utcnow(), models=states
-            )
-
     refused = "refused: label 'Left Kideny' has no code"
-    beat({"ct_abdomen_demo": "loading", "swin_unetr_btcv_segmentation": refused})
+    worker = report_worker(
+        api.database, {"ct_abdomen_demo": "loading", "swin_unetr_btcv_segmentation": refused}
+    )
     status, check = models()
     assert status == 503 and "ct_abdomen_demo: loading" in check["detail"]
 
-    beat({"ct_abdomen_demo": "warm", "swin_unetr_btcv_segmentation": refused})
+    states = {"ct_abdomen_demo": "warm", "swin_unetr_btcv_segmentation": refused}
+    report_worker(api.database, states, worker_id=worker)
     status, check = models()
     assert status == 200 and check["ok"] is True
-    assert check["detail"] == (f"ct_abdomen_demo: warm; swin_unetr_btcv_segmentation: {refused}")
+    assert check["detail"] == f"ct_abdomen_demo: warm; swin_unetr_btcv_segmentation: {refused}"
 
 
 def _samples(exposition: str) -> dict[str, float]:

@@ -4,7 +4,6 @@ to the document (status codes, content types, bodies)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,7 @@ from pacsai.api import ApiServer, create_app
 from pacsai.config import Settings
 from pacsai.db import Database, DeliveryStatus, JobStatus, TokenRole, upgrade, utcnow
 from pacsai.db.tokens import create_token
-from pacsai.db.workers import heartbeat_worker, register_worker
-from tests.support import REPO, make_settings, seed_study
+from tests.support import REPO, make_settings, report_worker, seed_study
 
 pytestmark = pytest.mark.slow
 
@@ -75,28 +73,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     upgrade(database)
     with database.transaction() as session:
         _, token = create_token(session=session, name="fuzzer", role=TokenRole.ADMIN, now=utcnow())
-        # A live worker with its model warm: /readyz answers 200 (a 503 would be a server error).
-        worker = register_worker(
-            session=session,
-            node_id="schema",
-            name="worker",
-            host="elsewhere",
-            pid=os.getpid(),
-            backend="local",
-            device="cpu",
-            queues=["*"],
-            concurrency=1,
-            version="test",
-            now=utcnow(),
-            is_alive=lambda pid: True,
-        ).worker_id
-        heartbeat_worker(
-            session=session,
-            worker_id=worker,
-            pid=os.getpid(),
-            now=utcnow(),
-            models={"ct_abdomen_demo": "warm"},
-        )
+    # A live worker with its model warm: /readyz answers 200 (a 503 would be a server error).
+    report_worker(database, {"ct_abdomen_demo": "warm"})
     for status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.QUEUED, None):
         seed_study(
             database,
