@@ -258,7 +258,8 @@ class InferenceSettings(_Section):
 
     ``warm_up``: at start, load every ready bundle and run it once on a synthetic volume of its
     declared input on the configured device (a bundle that fails is refused with the cause), and
-    keep it loaded, so that the first study is as fast as the second. ``max_voxels``: a series
+    keep it loaded, so that the first study is as fast as the second; when false, the bundles
+    are still loaded at start, only not run. ``max_voxels``: a series
     with more voxels (rows x columns x frames, summed over its instances) is refused before any
     pixel is decoded; the default, 10^9, is about four whole-body CTs of 512 x 512 x 1000 (4 GB
     as float32).
