@@ -1,7 +1,8 @@
 """`pacsai serve`'s worker process: jobs and deliveries run in a child process, supervised.
 
 A job may need many gigabytes; if the kernel's out-of-memory killer (or a crash in native code)
-ends the process running it, only the worker goes, never the receiver. The supervisor sees the
+ends the process running it, only the worker goes, never the receiver: the worker raises its own
+``oom_score_adj`` so that the killer picks it first. The supervisor sees the
 child end, takes back what it held at once (its jobs QUEUED again, or FAILED with the cause after
 ``queue.max_attempts``; its deliveries due again), and starts a new child after a backoff that
 doubles up to a minute while children keep dying young. The child is the same code as
@@ -24,6 +25,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -244,6 +246,20 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+#: /proc/self/oom_score_adj of the worker process: when memory runs out, the kernel's
+#: out-of-memory killer picks it before the receiver, the database or anything else on the host.
+OOM_SCORE_ADJ = 500
+
+
+def _first_for_the_oom_killer() -> None:
+    """Linux: offer this process first to the out-of-memory killer (raising one's own score
+    needs no privilege); elsewhere nothing."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ), encoding="ascii")
+    except OSError as exc:
+        log.debug("oom_score_adj not set: %s", exc)
+
+
 def run_worker_process(
     data: dict[str, Any],
     name: str,
@@ -254,6 +270,7 @@ def run_worker_process(
 ) -> None:
     """Entry point of `pacsai serve`'s worker process: a :class:`Worker` of every queue."""
     _die_with_parent(parent_pid)
+    _first_for_the_oom_killer()
     from pacsai.jobs.worker import ALL_QUEUES, Worker, WorkerOptions
     from pacsai.service import configure_libraries
 
