@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
+from _common import free_port
 from pacsai.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
 from pacsai.phantom import write_phantom
 
@@ -57,12 +57,6 @@ SPACING_MM = 0.75
 LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
 #: Warm last-ack-to-SEG targets on a GPU (issue 11), seconds.
 GPU_TARGETS = {"demo CT": 3.0, "wholeBody": 5.0}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait(predicate: Any, what: str, timeout: float, interval: float = 0.02) -> Any:

@@ -34,13 +34,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
 
+from _common import free_port
+
 Starter = Callable[[Path], tuple[subprocess.Popen[bytes], int]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:

@@ -50,6 +50,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
+from _common import free_port
 from pacsai.config import Destination
 from pacsai.inference.bundle import BundleInfo
 from pacsai.inference.labels import semantics_for
@@ -328,12 +329,6 @@ def one_by_one(
 
 def size_of(root: Path, objects: Sequence[WrittenObject], kind: str) -> int:
     return sum((root / o.path).stat().st_size for o in objects if o.kind == kind)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_storescp(out: Path, options: Sequence[str]) -> tuple[subprocess.Popen[bytes], int]:

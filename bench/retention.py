@@ -24,16 +24,13 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import create_engine, insert, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import insert, text, update
 
+from _common import fresh_database, postgres_answers
 from pacsai.config import Settings
 from pacsai.db import Database, Job, JobStatus, Study, StudyStatus, upgrade, utcnow
 from pacsai.db.repository import PendingInstance, ReceivedInstance, record_instances
@@ -42,35 +39,6 @@ from pacsai.operations import Caller
 from pacsai.operations.storage import purge_studies
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@contextmanager
-def fresh_database(admin_url: str | None, folder: Path) -> Iterator[str]:
-    """A new, empty database: PostgreSQL when ``admin_url`` answers, else SQLite."""
-    if admin_url is None:
-        yield f"sqlite:///{folder / 'pacsai.db'}"
-        return
-    name = f"pacsai_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def postgres_answers(url: str) -> bool:
-    try:
-        engine = create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except OperationalError:
-        return False
 
 
 def seed_files(database: Database, spool: Path, studies: int, instances: int, kib: int) -> None:

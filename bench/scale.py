@@ -18,50 +18,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import OperationalError
 
+from _common import free_port, fresh_database
 from pacsai.db import Database, Job, JobStatus, upgrade
 from pacsai.phantom import write_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def fresh_database(admin_url: str | None, folder: Path) -> Iterator[str]:
-    """A new, empty database: PostgreSQL when ``admin_url`` answers, else SQLite."""
-    if admin_url is None:
-        yield f"sqlite:///{folder / 'pacsai.db'}"
-        return
-    name = f"pacsai_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def postgres(url: str | None) -> str | None:
