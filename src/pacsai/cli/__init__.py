@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pacsai.cli import (
+# Each module registers its commands on `main` when it is imported.
+from pacsai.cli import (  # noqa: F401
     audit,
     db,
     demo,
@@ -18,17 +19,3 @@ from pacsai.cli import (
 from pacsai.cli._common import main
 
 __all__ = ["main"]
-
-_COMMAND_MODULES = (
-    audit,
-    db,
-    demo,
-    jobs,
-    models,
-    network,
-    retrieve,
-    serve,
-    studies,
-    tokens,
-    worker,
-)
