@@ -92,6 +92,21 @@ def report_worker(database: Database, models: dict[str, str], *, worker_id: str 
     return worker_id
 
 
+def run_pacsai(config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``pacsai ARGS --config CONFIG`` as a user runs it: a process of its own, without the
+    test run's ``PACSAI_`` environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pacsai.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+
+
 def db_rows(database: Database, model: type[Row], *where: Any) -> list[Row]:
     """The rows of `model` matching `where`, in id order, detached from their session."""
     with database.reading() as session:

@@ -4,9 +4,7 @@ reported with its status, and "nothing found" for an unknown accession."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -30,6 +28,7 @@ from tests.support import (
     db_rows,
     free_port,
     make_ct_series,
+    run_pacsai,
     wait_for,
     write_datasets,
 )
@@ -60,15 +59,7 @@ def _old_and_new(pacs: Orthanc, tmp_path: Path) -> None:
 
 
 def _pacsai(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pacsai.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
+    return run_pacsai(config, *args, timeout=300)
 
 
 def test_c_find_by_accession_and_by_date_range(

@@ -3,9 +3,7 @@ through the node's own delivery workers, exactly once; refused once its files we
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ from pacsai.operations.jobs import send_job_results
 from pacsai.phantom import write_phantom
 from pacsai.scu import Target, push
 from pacsai.service import Node
-from tests.support import REPO, db_rows, free_port, start_storescp, wait_for
+from tests.support import REPO, db_rows, free_port, run_pacsai, start_storescp, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -28,16 +26,7 @@ ADMIN = Caller("cli:test-admin", None, {"command": "jobs send"})
 
 
 def _pacsai(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pacsai.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
+    return run_pacsai(config, *args, timeout=180)
 
 
 def _arrivals(folder: Path) -> Counter[str]:

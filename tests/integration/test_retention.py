@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,7 +48,7 @@ from pacsai.operations.jobs import RetryOptions, retry_job
 from pacsai.operations.storage import purge_studies
 from pacsai.operations.studies import get_study
 from pacsai.service import Node
-from tests.support import REPO, db_rows, make_ct_series, wait_for
+from tests.support import db_rows, make_ct_series, run_pacsai, wait_for
 
 ADMIN = Caller("cli:test-admin", None, {"command": "studies purge"})
 #: Ages small enough to have passed by the time retention runs.
@@ -394,16 +393,7 @@ def test_a_leased_delivery_keeps_its_study(start_node: Callable[..., Node]) -> N
 
 
 def _pacsai(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pacsai.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
+    return run_pacsai(config, *args, timeout=120)
 
 
 def _config(node: Node, tmp_path: Path) -> Path:
