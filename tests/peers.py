@@ -152,9 +152,9 @@ class BrokerProxy:
 
     def _relay(self, a: socket.socket, b: socket.socket) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(a, selectors.EVENT_READ, b)
-        selector.register(b, selectors.EVENT_READ, a)
-        try:
+        try:  # a cut may close the pair before this thread has registered it
+            selector.register(a, selectors.EVENT_READ, b)
+            selector.register(b, selectors.EVENT_READ, a)
             while True:
                 for key, _ in selector.select(timeout=1.0):
                     source: socket.socket = key.fileobj  # type: ignore[assignment]
