@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import struct
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -22,8 +23,11 @@ __all__ = ["InstanceHeader", "encode_file_meta", "read_header"]
 
 log = logging.getLogger(__name__)
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, _PIXEL_DATA))  # Float, Double Float, Pixel Data
+_UNDEFINED = 0xFFFFFFFF
 _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian: starts encapsulated pixels
+_SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) Sequence Delimitation Item
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +104,46 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
-    """Refuse image data sets whose pixel data is missing or shorter than their header says."""
-    present = [kw for kw in _PIXEL_KEYWORDS if kw in ds]
-    if not present:
+@dataclass(frozen=True, slots=True)
+class _PixelElement:
+    """Where the first pixel data element of a data set is, as its header declares it."""
+
+    tag: int
+    length: int  # of its value; 0xFFFFFFFF: undefined (encapsulated)
+    offset: int  # of its value in the data set
+
+
+def _parse(data: bytes, transfer_syntax: UID) -> tuple[Dataset, _PixelElement | None, bytes]:
+    """The data set's elements before its pixel data, where its pixel data is, and the bytes
+    parsed (`data`, inflated if the transfer syntax is deflated).
+
+    The pixel data value is neither copied nor decoded; nothing after it is read.
+    """
+    if transfer_syntax.is_transfer_syntax:
+        implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+        if transfer_syntax.is_deflated:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)  # as pydicom reads a deflated file
+    else:  # a private transfer syntax: Explicit VR Little Endian, as pydicom assumes (PS3.5 A.4)
+        implicit, little = False, True
+    fp = BytesIO(data)
+    found: list[_PixelElement] = []
+
+    def at_pixels(tag: int, _vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            found.append(_PixelElement(int(tag), length, fp.tell()))
+            return True
+        return False
+
+    ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+    return ds, (found[0] if found else None), data
+
+
+def _check_pixels(
+    ds: Dataset, pixels: _PixelElement | None, data: bytes, sop_class: UID, compressed: bool
+) -> None:
+    """Refuse image data sets whose pixel data is missing, cut short, or shorter than their
+    header says."""
+    if pixels is None:
         if "Image Storage" in sop_class.name:
             raise InvalidInstanceError(f"a {sop_class.name} instance must have Pixel Data")
         if "Rows" in ds and "Columns" in ds:
@@ -111,17 +151,25 @@ def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
                 "the data set describes an image (Rows, Columns) but has no Pixel Data"
             )
         return
-    if present != ["PixelData"]:
+    if pixels.tag != _PIXEL_DATA:
+        return  # Float or Double Float Pixel Data: not checked
+    if pixels.length == _UNDEFINED:
+        if not compressed:
+            raise InvalidInstanceError(
+                "Pixel Data has an undefined length, but the transfer syntax is not compressed"
+            )
+        _check_fragments(data, pixels.offset)
         return
-    try:
-        element = ds["PixelData"]
-        value = element.value
-    except Exception as exc:
-        raise UnreadableInstanceError(f"Pixel Data cannot be read: {exc}") from exc
-    if value is None or len(value) == 0:
+    if pixels.length == 0:
         raise InvalidInstanceError("Pixel Data is empty")
-    if transfer_syntax.is_compressed:
-        if not bytes(value[:4]) == _ITEM_TAG_LE:
+    available = min(pixels.length, len(data) - pixels.offset)
+    if available < pixels.length:
+        raise InvalidInstanceError(
+            f"Pixel Data declares {pixels.length} bytes but the data set ends after "
+            f"{max(available, 0)}: it is cut short"
+        )
+    if compressed:
+        if data[pixels.offset : pixels.offset + 4] != _ITEM_TAG_LE:
             raise InvalidInstanceError(
                 "Pixel Data is not encapsulated, but the transfer syntax is compressed"
             )
@@ -138,22 +186,60 @@ def _check_pixels(ds: Dataset, sop_class: UID, transfer_syntax: UID) -> None:
     if min(rows, columns, bits, samples, frames) <= 0:
         raise InvalidInstanceError("Rows, Columns, BitsAllocated and NumberOfFrames must be > 0")
     expected = (rows * columns * samples * frames * bits + 7) // 8
-    if len(value) < expected:
+    if pixels.length < expected:
         raise InvalidInstanceError(
-            f"Pixel Data holds {len(value)} bytes; {rows}x{columns}x{frames} frames of "
+            f"Pixel Data holds {pixels.length} bytes; {rows}x{columns}x{frames} frames of "
             f"{bits}-bit samples need {expected}: the data set is incomplete"
         )
 
 
+def _check_fragments(data: bytes, offset: int) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): items that each fit in the data set, then a
+    Sequence Delimitation Item; the fragments themselves are not read."""
+    end = len(data)
+    items = 0
+    while True:
+        if offset + 8 > end:
+            if items == 0:
+                raise InvalidInstanceError("Pixel Data is empty")
+            raise InvalidInstanceError(
+                "encapsulated Pixel Data is cut short: no Sequence Delimitation Item"
+            )
+        tag = data[offset : offset + 4]
+        (length,) = struct.unpack_from("<L", data, offset + 4)
+        if tag == _SEQUENCE_DELIMITER_LE:
+            if items == 0:
+                raise InvalidInstanceError("Pixel Data is empty")
+            return
+        if tag != _ITEM_TAG_LE:
+            if items == 0:
+                raise InvalidInstanceError(
+                    "Pixel Data is not encapsulated, but the transfer syntax is compressed"
+                )
+            raise InvalidInstanceError(
+                f"encapsulated Pixel Data holds something other than an item after item {items}"
+            )
+        offset += 8 + length
+        if offset > end:
+            raise InvalidInstanceError(
+                f"item {items} of the encapsulated Pixel Data declares {length} bytes and runs "
+                "past the end of the data set: it is cut short"
+            )
+        items += 1
+
+
 def read_header(
-    encoded_file: bytes,
+    dataset: bytes,
     *,
+    transfer_syntax_uid: str,
     affected_sop_class_uid: str,
     affected_sop_instance_uid: str,
 ) -> InstanceHeader:
-    """Parse a received instance (file meta + data set) and check it against its C-STORE request.
+    """Parse a received data set (as it came, in `transfer_syntax_uid`) and check it against
+    its C-STORE request.
 
-    Pixel data is read as bytes and its length checked, never decoded.
+    The elements before the pixel data are parsed; the pixel data is located, its length and
+    (encapsulated) its items checked, never copied or decoded.
 
     Raises
     ------
@@ -161,11 +247,11 @@ def read_header(
         If the bytes are not a parseable DICOM data set.
     InvalidInstanceError
         If a required UID is missing or malformed, the data set's SOP Class or Instance UID
-        differs from the request's, or the pixel data is missing or incomplete.
+        differs from the request's, or the pixel data is missing, incomplete or cut short.
     """
+    transfer_syntax = UID(transfer_syntax_uid)
     try:
-        ds = dcmread(BytesIO(encoded_file), force=False)
-        transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
+        ds, pixels, parsed = _parse(dataset, transfer_syntax)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
         raise UnreadableInstanceError(f"the data set cannot be parsed: {exc}") from exc
     except Exception as exc:
@@ -212,5 +298,6 @@ def read_header(
         # read here, from the header parsed anyway, so that the job need not read it again
         routing_attributes=RoutingAttributes.of(ds).to_json() if frames else None,
     )
-    _check_pixels(ds, UID(sop_class_uid), transfer_syntax)
+    compressed = transfer_syntax.is_compressed if transfer_syntax.is_transfer_syntax else True
+    _check_pixels(ds, pixels, parsed, UID(sop_class_uid), compressed)
     return header

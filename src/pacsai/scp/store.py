@@ -109,7 +109,8 @@ class InstanceStore:
         sop_instance_uid = validate_uid(affected_sop_instance_uid, "Affected SOP Instance UID")
         file_meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         header = read_header(
-            file_meta + dataset,
+            dataset,
+            transfer_syntax_uid=transfer_syntax_uid,
             affected_sop_class_uid=sop_class_uid,
             affected_sop_instance_uid=sop_instance_uid,
         )
