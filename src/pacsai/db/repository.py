@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Text, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +36,7 @@ from pacsai.errors import DatabaseError, InvalidInstanceError, PacsaiError
 
 __all__ = [
     "EXPECTATION_LIFETIME",
+    "InstanceRefused",
     "PendingInstance",
     "ReceivedInstance",
     "RecordResult",
@@ -119,12 +120,10 @@ class PendingInstance:
 
 
 def _insert_ignoring_conflict(
-    session: Session, model: Any, key: str, values: dict[str, Any]
+    connection: Connection, model: Any, key: str, values: dict[str, Any]
 ) -> None:
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.connection().execute(
-        insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
-    )
+    insert = pg_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    connection.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
 
 def find_instance(*, session: Session, sop_instance_uid: str) -> Instance | None:
@@ -177,7 +176,7 @@ _INSERT_INSTANCE = insert(Instance)
 
 
 def _touch_study(
-    session: Session,
+    connection: Connection,
     item: ReceivedInstance,
     *,
     calling_ae_title: str,
@@ -188,7 +187,6 @@ def _touch_study(
 
     Re-opens a COMPLETE study: it completes again, with a new job, once quiet.
     """
-    connection = session.connection()
     params = {
         "b_study_instance_uid": item.study_instance_uid,
         "b_now": now,
@@ -197,7 +195,7 @@ def _touch_study(
     study_id = connection.execute(_COUNT_INTO_STUDY, params).scalar_one_or_none()
     if study_id is None:
         _insert_ignoring_conflict(
-            session,
+            connection,
             Study,
             "study_instance_uid",
             {
@@ -220,11 +218,10 @@ def _touch_study(
 
 
 def _touch_series(
-    session: Session, item: ReceivedInstance, *, study_id: int
+    connection: Connection, item: ReceivedInstance, *, study_id: int
 ) -> tuple[int, str | None]:
     """Count an instance into its series, creating the series on its first instance; the
     series' id and its routing attributes as now recorded (the first image's)."""
-    connection = session.connection()
     params = {
         "b_series_instance_uid": item.series_instance_uid,
         "b_routing_attributes": item.routing_attributes if item.frames else None,
@@ -232,7 +229,7 @@ def _touch_series(
     row = connection.execute(_COUNT_INTO_SERIES, params).one_or_none()
     if row is None:
         _insert_ignoring_conflict(
-            session,
+            connection,
             Series,
             "series_instance_uid",
             {
@@ -278,19 +275,18 @@ def record_instance(
     InvalidInstanceError
         If the instance's series is already recorded under another study.
     """
-    existing = (
-        session.connection()
-        .execute(_EXISTING_INSTANCE, {"b_sop_instance_uid": item.sop_instance_uid})
-        .one_or_none()
-    )
+    connection = session.connection()
+    existing = connection.execute(
+        _EXISTING_INSTANCE, {"b_sop_instance_uid": item.sop_instance_uid}
+    ).one_or_none()
     if existing is not None and existing.sha256 == item.sha256:
         return RecordResult(StoreOutcome.DUPLICATE)
 
     # Counts go to the new study and series; a replacement takes them back from the old ones.
     study_id = _touch_study(
-        session, item, calling_ae_title=calling_ae_title, quiet_seconds=quiet_seconds, now=now
+        connection, item, calling_ae_title=calling_ae_title, quiet_seconds=quiet_seconds, now=now
     )
-    series_id, routing_attributes = _touch_series(session, item, study_id=study_id)
+    series_id, routing_attributes = _touch_series(connection, item, study_id=study_id)
     columns: dict[str, Any] = {
         "study_id": study_id,
         "series_id": series_id,
@@ -307,7 +303,7 @@ def record_instance(
         "received_at": now,
     }
     if existing is None:
-        session.connection().execute(
+        connection.execute(
             _INSERT_INSTANCE,
             {"sop_instance_uid": item.sop_instance_uid, "replaced_count": 0, **columns},
         )
@@ -371,6 +367,15 @@ def _keeps_first_image(
     return not item.frames or item.routing_attributes == routing_attributes
 
 
+class InstanceRefused(Exception):
+    """The instance of a group of one was refused: the caller's transaction must roll back
+    (nothing else is in it). `error` is the instance's result."""
+
+    def __init__(self, error: PacsaiError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def record_instances(
     *, session: Session, pending: list[PendingInstance]
 ) -> list[RecordResult | PacsaiError]:
@@ -381,32 +386,44 @@ def record_instances(
     (:class:`InvalidInstanceError`, or :class:`DatabaseError` for a statement that failed, for
     example a concurrent insert of the same new SOP Instance UID by another process; the
     sender may send it again). Errors that end the transaction itself are raised.
+
+    A group of one gets no savepoint (two statements fewer for each instance of a single
+    association): its refusal is raised as :class:`InstanceRefused` instead, and the caller
+    rolls its transaction back.
     """
+    if len(pending) == 1:
+        try:
+            return [_record_one(session, pending[0])]
+        except PacsaiError as exc:
+            raise InstanceRefused(exc) from exc
     results: list[RecordResult | PacsaiError] = []
     for one in pending:
         try:
             with session.begin_nested():
-                results.append(
-                    record_instance(
-                        session=session,
-                        item=one.item,
-                        association_id=one.association_id,
-                        calling_ae_title=one.calling_ae_title,
-                        remote_address=one.remote_address,
-                        quiet_seconds=one.quiet_seconds,
-                        now=one.received_at,
-                    )
-                )
-        except InvalidInstanceError as exc:
+                results.append(_record_one(session, one))
+        except PacsaiError as exc:
             results.append(exc)
-        except IntegrityError as exc:
-            results.append(
-                DatabaseError(
-                    f"instance {one.item.sop_instance_uid} was recorded concurrently by another "
-                    f"process; send it again ({type(exc.orig).__name__})"
-                )
-            )
     return results
+
+
+def _record_one(session: Session, one: PendingInstance) -> RecordResult:
+    """:func:`record_instance` for one pending instance; a concurrent insert of its SOP
+    Instance UID (the statement failed) raised as :class:`DatabaseError`."""
+    try:
+        return record_instance(
+            session=session,
+            item=one.item,
+            association_id=one.association_id,
+            calling_ae_title=one.calling_ae_title,
+            remote_address=one.remote_address,
+            quiet_seconds=one.quiet_seconds,
+            now=one.received_at,
+        )
+    except IntegrityError as exc:
+        raise DatabaseError(
+            f"instance {one.item.sop_instance_uid} was recorded concurrently by another "
+            f"process; send it again ({type(exc.orig).__name__})"
+        ) from exc
 
 
 def open_association(

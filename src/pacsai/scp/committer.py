@@ -17,7 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pacsai.db import Database
-from pacsai.db.repository import PendingInstance, RecordResult, record_instances
+from pacsai.db.repository import (
+    InstanceRefused,
+    PendingInstance,
+    RecordResult,
+    record_instances,
+)
 from pacsai.errors import DatabaseError, PacsaiError
 
 __all__ = ["GroupCommitter"]
@@ -119,6 +124,9 @@ class GroupCommitter:
                 self.before_commit([t.pending for t in now])
             with self.database.transaction() as session:
                 results = record_instances(session=session, pending=[t.pending for t in now])
+            batch_failed = False
+        except InstanceRefused as exc:  # a group of one, rolled back
+            results = [exc.error]
             batch_failed = False
         except PacsaiError as exc:
             results = [exc] * len(now)
