@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,53 @@ def test_a_series_directory_removed_by_a_purge_meanwhile_is_made_again(
 
     assert calls == [directory, directory]
     assert spool.absolute(relative).read_bytes() == b"data"
+
+
+def _counting_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record what each fsync is for: "dir" or "file" (the spool's own os.fsync calls)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    return synced
+
+
+def test_a_deferred_write_is_made_durable_later_one_directory_fsync_for_many_files(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver's path: written with its writeback started, made durable before the commit
+    of its group, with one fsync per file and one per directory."""
+    study, series = generate_uid(), generate_uid()
+    relatives = [spool.new_path(study, series, generate_uid()) for _ in range(3)]
+    for relative in relatives:
+        spool.write(relative, (b"m" * 200, b"d" * 70_000), durable=False)  # its directory is new
+    synced = _counting_fsyncs(monkeypatch)
+    assert all(spool.absolute(r).read_bytes() == b"m" * 200 + b"d" * 70_000 for r in relatives)
+    assert synced == []
+
+    spool.make_durable(relatives)
+
+    assert synced == ["file", "file", "file", "dir"]
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [(errno.ENOSPC, StorageFullError), (errno.EIO, ReceiveError)],
+)
+def test_a_file_that_cannot_be_made_durable_is_an_error_saying_so(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, error: int, raised: type[Exception]
+) -> None:
+    relative = _relative(spool)
+    spool.write(relative, (b"d" * 5000,), durable=False)
+
+    def fsync(fd: int) -> None:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    with pytest.raises(raised) as caught:
+        spool.make_durable([relative])
+    assert isinstance(caught.value.__cause__, OSError)

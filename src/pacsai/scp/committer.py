@@ -1,9 +1,10 @@
 """Group commit: instance rows from every association of a receiver, committed together.
 
-Each C-STORE handler, its instance already durable in the spool, queues it and waits. One of
-the waiting handlers leads: it records everything queued up meanwhile in one transaction,
-commits once, and releases each handler with its own result; then another waiting handler
-whose instance is not yet committed leads the next group. Every instance is still
+Each C-STORE handler, its instance written to the spool, queues it and waits. One of the
+waiting handlers leads: it records everything queued up meanwhile in one transaction, makes
+their files durable (their writeback started when they were written), commits once, and
+releases each handler with its own result; then another waiting handler whose instance is not
+yet committed leads the next group. Every instance is still
 acknowledged only after its own commit. With one association a group is one instance,
 committed by its own handler thread (no hand-over to another thread); with many, one commit
 (one fsync) serves many instances.
@@ -47,8 +48,9 @@ class GroupCommitter:
     max_batch
         The most instances one transaction records.
     before_commit
-        Runs with each group before its transaction (the spool syncs the group's directories
-        there); an error it raises fails the group.
+        Runs with each group after its statements, before its commit (the spool makes the
+        group's files durable there, their writeback having proceeded meanwhile); an error it
+        raises fails the group.
     """
 
     def __init__(
@@ -120,10 +122,10 @@ class GroupCommitter:
         results: list[RecordResult | PacsaiError]
         batch_failed = True
         try:
-            if self.before_commit is not None:
-                self.before_commit([t.pending for t in now])
             with self.database.transaction() as session:
                 results = record_instances(session=session, pending=[t.pending for t in now])
+                if self.before_commit is not None:
+                    self.before_commit([t.pending for t in now])
             batch_failed = False
         except InstanceRefused as exc:  # a group of one, rolled back
             results = [exc.error]

@@ -1,11 +1,13 @@
 """The spool: where received instances are written durably, as they arrived.
 
 A file is written whole to a temporary name in the spool's own filesystem, renamed into place,
-fsynced, and its directory fsynced (the caller may sync directories itself, once for many files:
-:meth:`Spool.sync_directories`). A file whose instance was acknowledged survives ``kill -9`` and
-power loss. A crash before the fsync can leave an incomplete file under its final name, but no
-row ever points at one (rows are committed after the fsync, and only rows lead readers to
-files); the spool sweep moves it aside.
+fsynced, and its directory fsynced. The receiver defers the fsyncs (:meth:`Spool.make_durable`,
+once per group commit, one directory fsync for many files): the file's writeback is started at
+once and proceeds while its row is being recorded, and the row is committed only after the
+fsyncs. A file whose instance was acknowledged survives ``kill -9`` and power loss. A crash
+before the fsync can leave an incomplete file under its final name, but no row ever points at
+one (rows are committed after the fsync, and only rows lead readers to files); the spool sweep
+moves it aside.
 
 Temporary files are named after the node writing them (``.incoming/<node id>+<random>.part``;
 a node id never holds a ``+``), so that a node starting on a spool other nodes share removes
@@ -15,13 +17,14 @@ retention) is asked to remove finished studies before a write is refused.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import secrets
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pacsai.errors import ReceiveError, StorageFullError
 
@@ -42,6 +45,36 @@ class SpaceKeeper(Protocol):
     def reclaim(self, needed_bytes: int) -> bool:
         """Remove finished studies now, within a bounded time, until ``needed_bytes`` fit above
         the minimum; whether anything was removed (by this call, or by one it waited for)."""
+
+
+def _sync_file_range() -> Any:
+    """Linux's sync_file_range(2), which the os module lacks; ``None`` elsewhere."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages; do not wait
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing a file's data to the disk without waiting: a later fsync then waits for
+    what is left (the device's flush), not for the whole transfer. Best effort."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,13 +165,11 @@ class Spool:
             f"{self.min_free_bytes // 2**20} MiB must remain"
         )
 
-    def write(
-        self, relative: str, chunks: tuple[bytes, ...], *, sync_directory: bool = True
-    ) -> int:
-        """Write `chunks` durably to `relative`, replacing any file there; return the size.
+    def write(self, relative: str, chunks: tuple[bytes, ...], *, durable: bool = True) -> int:
+        """Write `chunks` to `relative`, replacing any file there; return the size.
 
-        With `sync_directory` false the file's data is durable on return, its directory entry
-        once :meth:`sync_directories` has run for its directory.
+        With `durable` false, the file is complete on return, its writeback started; it is
+        durable once :meth:`make_durable` has run for it.
 
         Raises
         ------
@@ -151,18 +182,16 @@ class Spool:
         size = sum(len(chunk) for chunk in chunks)
         self.check_space(size)
         try:
-            return self._write(relative, chunks, size, sync_directory=sync_directory)
+            return self._write(relative, chunks, size, durable=durable)
         except StorageFullError:
             # the disk filled up between the check and the write (or ran out of inodes): once
             # the keeper has removed something, one more try
             keeper = self.space_keeper
             if keeper is None or not keeper.reclaim(size):
                 raise
-        return self._write(relative, chunks, size, sync_directory=sync_directory)
+        return self._write(relative, chunks, size, durable=durable)
 
-    def _write(
-        self, relative: str, chunks: tuple[bytes, ...], size: int, *, sync_directory: bool
-    ) -> int:
+    def _write(self, relative: str, chunks: tuple[bytes, ...], size: int, *, durable: bool) -> int:
         final = self.root / relative
         temp = self._incoming / f"{self.node_id}+{uuid.uuid4().hex}.part"
         renamed = False
@@ -176,12 +205,15 @@ class Spool:
                         view = view[written:]
                 self._rename_into_place(temp, final)
                 renamed = True
-                # fsync after the rename: on journalling filesystems its one journal commit
-                # carries the rename too, and the directory's fsync then costs next to nothing
-                os.fsync(fd)
+                if durable:
+                    # fsync after the rename: on journalling filesystems its one journal commit
+                    # carries the rename too, and the directory's fsync then costs next to nothing
+                    os.fsync(fd)
+                else:
+                    _start_writeback(fd)
             finally:
                 os.close(fd)
-            if sync_directory:
+            if durable:
                 _fsync_dir(final.parent)
         except OSError as exc:
             (final if renamed else temp).unlink(missing_ok=True)
@@ -190,16 +222,26 @@ class Spool:
             raise ReceiveError(f"cannot write to the spool: {exc.strerror}") from exc
         return size
 
-    def sync_directories(self, relatives: list[str]) -> None:
-        """Make the directory entries of the files at `relatives` durable (one fsync for each
-        directory, however many files it got).
+    def make_durable(self, relatives: list[str]) -> None:
+        """Make the files at `relatives`, written with ``durable=False``, and their directory
+        entries durable: each file fsynced, then each directory once however many files it got.
 
         Raises
         ------
+        StorageFullError
+            If the disk filled up while the data was written out (ENOSPC, EDQUOT).
         ReceiveError
-            If a directory cannot be synced.
+            If a file or directory cannot be synced (its data may be lost).
         """
-        for directory in sorted({(self.root / relative).parent for relative in relatives}):
+        paths = [self.root / relative for relative in relatives]
+        for path in paths:
+            try:
+                _fsync_file(path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFullError(f"the spool filesystem is full: {exc.strerror}") from exc
+                raise ReceiveError(f"cannot sync spool file {path}: {exc.strerror}") from exc
+        for directory in sorted({path.parent for path in paths}):
             try:
                 _fsync_dir(directory)
             except OSError as exc:

@@ -68,12 +68,12 @@ class InstanceStore:
         self.database = database
         self.spool = spool
         self.node_id = node_id  # recorded with each association (`node.id`)
-        self.committer = GroupCommitter(database, before_commit=self._sync_directories)
+        self.committer = GroupCommitter(database, before_commit=self._make_durable)
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
 
-    def _sync_directories(self, batch: list[PendingInstance]) -> None:
-        self.spool.sync_directories([pending.item.path for pending in batch])
+    def _make_durable(self, batch: list[PendingInstance]) -> None:
+        self.spool.make_durable([pending.item.path for pending in batch])
 
     def in_flight(self) -> frozenset[str]:
         """Spool files written but not yet committed or discarded (the sweep leaves them)."""
@@ -121,8 +121,8 @@ class InstanceStore:
         with self._in_flight_lock:
             self._in_flight.add(relative)
         try:
-            # the file's directory entry is synced by the committer, before the commit
-            size = self.spool.write(relative, (file_meta, dataset), sync_directory=False)
+            # made durable by the committer, after the statements and before the commit
+            size = self.spool.write(relative, (file_meta, dataset), durable=False)
             return self._record(state, relative, header, sha256, transfer_syntax_uid, size)
         finally:
             with self._in_flight_lock:
