@@ -368,41 +368,36 @@ def _keeps_first_image(
 
 
 class InstanceRefused(Exception):
-    """The instance of a group of one was refused: the caller's transaction must roll back
-    (nothing else is in it). `error` is the instance's result."""
+    """One instance of a group was refused: the caller's transaction must roll back, and the
+    group, without it, be recorded again. `index` is its place in the group, `error` its
+    result."""
 
-    def __init__(self, error: PacsaiError) -> None:
+    def __init__(self, index: int, error: PacsaiError) -> None:
         super().__init__(str(error))
+        self.index = index
         self.error = error
 
 
-def record_instances(
-    *, session: Session, pending: list[PendingInstance]
-) -> list[RecordResult | PacsaiError]:
-    """Record several instances in the caller's transaction (a group commit), each in its own
-    savepoint: one that is refused leaves the others recorded.
+def record_instances(*, session: Session, pending: list[PendingInstance]) -> list[RecordResult]:
+    """Record several instances in the caller's transaction (a group commit).
 
-    Returns, in order, each instance's result or the error that refused it
-    (:class:`InvalidInstanceError`, or :class:`DatabaseError` for a statement that failed, for
-    example a concurrent insert of the same new SOP Instance UID by another process; the
-    sender may send it again). Errors that end the transaction itself are raised.
+    No savepoints (two statements more for each instance): a refusal, which is rare, ends the
+    group instead.
 
-    A group of one gets no savepoint (two statements fewer for each instance of a single
-    association): its refusal is raised as :class:`InstanceRefused` instead, and the caller
-    rolls its transaction back.
+    Raises
+    ------
+    InstanceRefused
+        If an instance is refused: :class:`InvalidInstanceError` (its series belongs to another
+        study), or :class:`DatabaseError` for a statement that failed (a concurrent insert of
+        the same new SOP Instance UID by another process; it may be tried again). The caller
+        rolls back and records the others again.
     """
-    if len(pending) == 1:
+    results: list[RecordResult] = []
+    for index, one in enumerate(pending):
         try:
-            return [_record_one(session, pending[0])]
+            results.append(_record_one(session, one))
         except PacsaiError as exc:
-            raise InstanceRefused(exc) from exc
-    results: list[RecordResult | PacsaiError] = []
-    for one in pending:
-        try:
-            with session.begin_nested():
-                results.append(_record_one(session, one))
-        except PacsaiError as exc:
-            results.append(exc)
+            raise InstanceRefused(index, exc) from exc
     return results
 
 

@@ -111,6 +111,8 @@ class GroupCommitter:
             self._stopped = True
 
     def _commit(self, batch: list[_Ticket]) -> None:
+        if not batch:
+            return
         # One version of a SOP Instance UID per transaction: a later one waits for the next.
         now: list[_Ticket] = []
         seen: set[str] = set()
@@ -120,16 +122,23 @@ class GroupCommitter:
             (later if uid in seen else now).append(ticket)
             seen.add(uid)
         results: list[RecordResult | PacsaiError]
-        batch_failed = True
         try:
             with self.database.transaction() as session:
-                results = record_instances(session=session, pending=[t.pending for t in now])
+                results = list(record_instances(session=session, pending=[t.pending for t in now]))
                 if self.before_commit is not None:
                     self.before_commit([t.pending for t in now])
-            batch_failed = False
-        except InstanceRefused as exc:  # a group of one, rolled back
-            results = [exc.error]
-            batch_failed = False
+        except InstanceRefused as exc:
+            # Rolled back: the refused instance is answered (or, if its statement failed
+            # because another process inserted it meanwhile, tried once more), the rest of
+            # the group is recorded again.
+            refused = now[exc.index]
+            if isinstance(exc.error, DatabaseError) and not refused.retried:
+                refused.retried = True
+                later.append(refused)
+            else:
+                refused.result = exc.error
+            self._commit(now[: exc.index] + now[exc.index + 1 :] + later)
+            return
         except PacsaiError as exc:
             results = [exc] * len(now)
             log.error("could not commit %d instance(s): %s", len(now), exc)
@@ -137,10 +146,6 @@ class GroupCommitter:
             log.exception("unexpected error committing %d instance(s)", len(now))
             results = [DatabaseError(f"unexpected error: {type(exc).__name__}")] * len(now)
         for ticket, result in zip(now, results, strict=True):
-            if isinstance(result, DatabaseError) and not batch_failed and not ticket.retried:
-                ticket.retried = True  # its own statement failed (a concurrent insert): again
-                later.append(ticket)
-                continue
             ticket.result = result
         if later:
             self._commit(later)
