@@ -1074,9 +1074,12 @@ class AE(_AE):
 class AcceptorHooks(Protocol):
     """What the receiver decides and records about connections and associations."""
 
-    def admit_connection(self, host: str, open_total: int, open_from_host: int) -> str | None:
-        """Why a new connection is refused (it counts neither itself nor later ones), or
-        ``None`` to serve it."""
+    def admit_connection(self, host: str) -> str | None:
+        """Why a new connection is refused, or ``None`` to serve it (it is counted in until
+        :meth:`connection_closed`)."""
+
+    def connection_closed(self, host: str) -> None:
+        """A connection admitted is closed."""
 
     def connection_refused(self, host: str, reason: str) -> None:
         """A connection was refused before a byte was read."""
@@ -1271,9 +1274,7 @@ class AcceptorServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
         with self._lock:
-            total = len(self._connections)
-            from_host = sum(1 for c in self._connections.values() if c.host == host)
-            reason = self.hooks.admit_connection(host, total, from_host)
+            reason = self.hooks.admit_connection(host)
             if reason is None:
                 self._connections[request] = _Connection(host)
                 return True
@@ -1311,7 +1312,9 @@ class AcceptorServer(ThreadedAssociationServer):
 
     def forget(self, request: socket.socket) -> None:
         with self._lock:
-            self._connections.pop(request, None)
+            connection = self._connections.pop(request, None)
+        if connection is not None:
+            self.hooks.connection_closed(connection.host)
 
     def note(self, request: socket.socket, **changes: Any) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ from pacsai.errors import ConfigError, PacsaiError
 from pacsai.jobs.identity import node_id
 from pacsai.jobs.queue import JobQueue, make_queue
 from pacsai.scp import InstanceStore, Receiver, Spool, SpoolSweep, StudyCompletionMonitor
+from pacsai.scp.counts import NodeCounts
 from pacsai.scp.orders import OrderListener
 from pacsai.scp.retention import RetentionMonitor
 
@@ -97,11 +98,13 @@ class Node:
             database=self.database, spool=self.spool, node_id=self.node_id
         )
         processes = settings.receiver_process_count()
+        # the node's connections and associations, counted across its receiver processes
+        self.counts = NodeCounts(processes)
         self.receiver = Receiver(  # started unless the role is api
             settings.node,
             instances=self.instances,
             reuse_port=processes > 1,
-            share=processes,
+            counts=self.counts,
             max_instance_bytes=settings.storage.max_instance_mb * 2**20,
         )
         self.sweep = SpoolSweep(
@@ -287,7 +290,7 @@ class Node:
         for index in range(extra):
             child = context.Process(
                 target=run_receiver_process,
-                args=(data, extra + 1, os.getpid()),
+                args=(data, self.counts, index + 1, os.getpid()),
                 name=f"pacsai-receiver-{index + 1}",
                 daemon=False,
             )
@@ -305,8 +308,11 @@ def _spool(settings: Settings, node: str | None) -> Spool:
     )
 
 
-def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) -> None:
-    """Entry point of an extra receiver process: receive until SIGTERM or the parent is gone.
+def run_receiver_process(
+    data: dict[str, Any], counts: NodeCounts, slot: int, parent_pid: int
+) -> None:
+    """Entry point of an extra receiver process (`slot` of the node's `counts`): receive until
+    SIGTERM or the parent is gone.
 
     Study completion, recovery and the audit of start and stop stay with the parent.
     """
@@ -323,11 +329,12 @@ def run_receiver_process(data: dict[str, Any], processes: int, parent_pid: int) 
     spool = _spool(settings, node)
     # Space is reclaimed here too before a refusal; the age rules run in the parent only.
     spool.space_keeper = RetentionMonitor(database, settings, spool)
+    counts.claim(slot)
     receiver = Receiver(
         settings.node,
         instances=InstanceStore(database=database, spool=spool, node_id=node),
         reuse_port=True,
-        share=processes,
+        counts=counts,
         max_instance_bytes=settings.storage.max_instance_mb * 2**20,
     )
     receiver.start()

@@ -280,3 +280,48 @@ def test_sigterm_ends_on_time_whatever_the_peers_do(
     finally:
         database.dispose()
     assert rows == {"MIDSTORE": AssociationOutcome.ABORTED, "IDLESCU": AssociationOutcome.ABORTED}
+
+
+def _listeners(port: int) -> int:
+    """Sockets listening on `port` (one per receiver process that has bound it)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and int(local.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_the_per_host_limit_holds_for_the_node_across_receiver_processes(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """The kernel spreads connections over the receiver processes by a hash of their addresses:
+    however they fall, one host gets exactly `max_connections_per_host` of them (counted
+    across the processes), not that limit split between them."""
+    server = serve_process(
+        node={
+            "receiver_processes": 3,
+            "max_connections_per_host": PER_HOST,
+            "timeouts": {"acse": 20, "dimse": 30, "network": 30},
+            "shutdown_grace_seconds": 1,
+        }
+    )
+    wait_for(lambda: _listeners(server.port) == 3, timeout=60)
+    # as many as the host may open: all admitted, wherever the kernel put them (with the
+    # limit split between the processes, six connections over three would mostly be refused)
+    admitted = [RawPeer(server.port, source=ATTACKER) for _ in range(PER_HOST)]
+    extra: list[RawPeer] = []
+    try:
+        for peer in admitted:
+            peer.send(b"\x01")
+        assert _answered_at_once(admitted) == set()
+        extra = [RawPeer(server.port, source=ATTACKER) for _ in range(PER_HOST)]
+        for peer in extra:
+            peer.send(b"\x01")
+        assert len(_answered_at_once(extra)) == PER_HOST
+        assert all(_is_limit_rejection(peer) for peer in extra)
+        _served(server, count=2)  # another host is served meanwhile
+    finally:
+        for peer in admitted + extra:
+            peer.close()
+    assert server.terminate() == 0

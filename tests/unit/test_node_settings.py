@@ -54,11 +54,3 @@ def test_connections_are_admitted_up_to_the_total_and_per_host_limits() -> None:
     assert refused is not None and "node.max_connections_per_host" in refused
     refused = policy.admit_connection(host="other", open_total=10, open_from_host=0)
     assert refused is not None and "node.max_connections" in refused
-
-
-def test_receiver_processes_share_the_limits() -> None:
-    node = Settings(node={"max_associations": 16, "max_connections": 64}).node
-    policy = AssociationPolicy(node, share=3)
-    assert policy.max_associations == 6
-    assert policy.max_connections == 22
-    assert policy.max_connections_per_host == 3

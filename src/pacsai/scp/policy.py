@@ -49,33 +49,32 @@ class AssociationPolicy:
     * ``max_connections``, ``max_connections_per_host``: connections in any state (before their
       association is requested too) beyond these are refused as soon as they are accepted.
 
-    `share` divides the limits between receiver processes that share the port.
+    The limits are the node's: the counts it is given are of every receiver process
+    (:class:`pacsai.scp.counts.NodeCounts`).
     """
 
-    def __init__(self, node: NodeSettings, *, share: int = 1) -> None:
+    def __init__(self, node: NodeSettings) -> None:
         self.ae_title = node.ae_title
         self.require_called_ae_title = node.require_called_ae_title
         self.peers: tuple[Peer, ...] = tuple(node.allowed_peers)
-        self.max_associations = _part(node.max_associations, share)
-        self.max_connections = _part(node.max_connections, share)
-        self.max_connections_per_host = _part(node.max_connections_per_host, share)
+        self.max_associations = node.max_associations
+        self.max_connections = node.max_connections
+        self.max_connections_per_host = node.max_connections_per_host
         self.default_quiet_seconds = node.study_quiet_seconds
 
     def admit_connection(self, *, host: str, open_total: int, open_from_host: int) -> str | None:
         """Why a new connection must be refused before a byte is read, or ``None``.
 
-        The counts are of this receiver's open connections, the new one excluded.
+        The counts are of the node's open connections, the new one excluded.
         """
         if open_total >= self.max_connections:
             return (
-                f"{open_total} connections are open; node.max_connections allows "
-                f"{self.max_connections} per receiver process"
+                f"{open_total} connections are open; node.max_connections is {self.max_connections}"
             )
         if open_from_host >= self.max_connections_per_host:
             return (
                 f"{open_from_host} connections from {host} are open; "
-                f"node.max_connections_per_host allows {self.max_connections_per_host} per "
-                "receiver process"
+                f"node.max_connections_per_host is {self.max_connections_per_host}"
             )
         return None
 
@@ -120,8 +119,3 @@ class AssociationPolicy:
         if peer is not None and peer.study_quiet_seconds is not None:
             return peer.study_quiet_seconds
         return self.default_quiet_seconds
-
-
-def _part(total: int, share: int) -> int:
-    """One receiver process's part of a node-wide limit."""
-    return max(1, -(-total // max(1, share)))

@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import (
@@ -41,6 +42,7 @@ from pacsai._pynetdicom import AE, AcceptorServer, NetworkLimits, protocol_error
 from pacsai.config import NodeSettings
 from pacsai.db import AssociationOutcome
 from pacsai.errors import ConfigError, PacsaiError, ReceiveError
+from pacsai.scp.counts import NodeCounts
 from pacsai.scp.handlers import (
     handle_association,
     handle_echo,
@@ -116,13 +118,12 @@ class _PolicyACSE(ACSE):
         calling = str(request.calling_ae_title or "").strip()
         called = str(request.called_ae_title or "").strip()
         host = self.assoc.requestor.address
-        active = sum(
-            1
-            for other in self._receiver.associations()
-            if other is not self.assoc and other.is_established
-        )
-        verdict = self._receiver.policy.check(
-            calling_ae_title=calling, called_ae_title=called, host=host, active=active
+        policy = self._receiver.policy
+        verdict = self._receiver.admit_association(
+            self.assoc,
+            lambda active: policy.check(
+                calling_ae_title=calling, called_ae_title=called, host=host, active=active
+            ),
         )
         if verdict is None:
             super()._negotiate_as_acceptor()
@@ -215,9 +216,9 @@ class Receiver:
         Stores instances and records associations.
     reuse_port
         Bind with SO_REUSEPORT, so that several receiver processes share the port.
-    share
-        How many receiver processes share the port: each gets that part of the node's
-        association and connection limits.
+    counts
+        The node's open connections and associations, shared with the other receiver processes
+        on the port (``None``: this receiver is the node's only one).
     max_instance_bytes
         The largest data set kept (``storage.max_instance_mb``); larger ones are refused with
         0xA700 and never held in memory beyond it (``None``: no limit).
@@ -229,12 +230,14 @@ class Receiver:
         *,
         instances: InstanceStore,
         reuse_port: bool = False,
-        share: int = 1,
+        counts: NodeCounts | None = None,
         max_instance_bytes: int | None = None,
     ) -> None:
         self.settings_node = node
         self.instances = instances
-        self.policy = AssociationPolicy(node, share=share)
+        self.policy = AssociationPolicy(node)
+        self.counts = counts if counts is not None else NodeCounts()
+        self._counted: set[Association] = set()  # associations counted in (to count out once)
         self.mpps = MppsService(instances.database)
         self.reuse_port = reuse_port
         self.limits = _limits(node, max_instance_bytes)
@@ -360,10 +363,20 @@ class Receiver:
 
     # --- AcceptorHooks ----------------------------------------------------------------------
 
-    def admit_connection(self, host: str, open_total: int, open_from_host: int) -> str | None:
-        return self.policy.admit_connection(
-            host=host, open_total=open_total, open_from_host=open_from_host
-        )
+    def admit_connection(self, host: str) -> str | None:
+        return self.counts.admit_connection(host, self.policy.admit_connection)
+
+    def connection_closed(self, host: str) -> None:
+        self.counts.connection_closed(host)
+
+    def admit_association(self, assoc: Association, check: Callable[[int], Any]) -> Any:
+        """The policy's verdict on an association request given the node's established
+        associations (``check(active)``); accepted, it is counted in until it ends."""
+        verdict = self.counts.admit_association(check)
+        if verdict is None:
+            with self._lock:
+                self._counted.add(assoc)
+        return verdict
 
     def connection_refused(self, host: str, reason: str) -> None:
         log.warning(
@@ -382,6 +395,11 @@ class Receiver:
     def association_ended(self, assoc: Association) -> None:
         """Whatever ended it, an accepted association is recorded as ended, and its state (and
         whatever it held) freed; one the node gave up on is recorded ABORTED."""
+        with self._lock:
+            counted = assoc in self._counted
+            self._counted.discard(assoc)
+        if counted:
+            self.counts.association_ended()
         self.end(assoc, AssociationOutcome.ABORTED)
 
     # --- association records ----------------------------------------------------------------
