@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,20 +34,34 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
 
 from _common import free_port
+from pacsai.config import load_settings
 
 Starter = Callable[[Path], tuple[subprocess.Popen[bytes], int]]
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def listeners(port: int) -> int:
+    """Sockets listening on `port` (Linux): one per receiver process that has bound it."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], processes: int = 1, timeout: float = 60
+) -> None:
+    """Until `processes` sockets listen on `port` (every receiver process is up: before, the
+    first takes every connection), without connecting (a probe would count as one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if listeners(port) >= processes:
+            return
         time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout} s")
+    raise SystemExit(f"fewer than {processes} processes listen on {port} after {timeout} s")
 
 
 def generate(count: int, folder: Path) -> list[Path]:
@@ -164,6 +177,7 @@ def start_pacsai(
         "logging": {"level": "WARNING"},
     }
     (workdir / "pacsai.yaml").write_text(yaml.safe_dump(config))
+    expected = load_settings(workdir / "pacsai.yaml").receiver_process_count()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSAI_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "pacsai.cli", "serve", "--config", str(workdir / "pacsai.yaml")],
@@ -171,7 +185,7 @@ def start_pacsai(
         env=env,
         stderr=(workdir / "serve.log").open("wb"),
     )
-    wait_listening(port, process)
+    wait_listening(port, process, expected)
     return process, port
 
 
