@@ -14,8 +14,10 @@ each counted against the other's too (stricter, never looser).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +43,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _LocalArray:
+    """The part of :class:`multiprocessing.Array`'s interface used here, for one process."""
+
+    def __init__(self, size: int) -> None:
+        self._values = (ctypes.c_longlong * size)()
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+    def get_obj(self) -> Any:
+        return self._values
+
+
 class NodeCounts:
     """The counts of one receiver process (`slot`) among `processes` that share them.
 
@@ -52,7 +68,11 @@ class NodeCounts:
     def __init__(self, processes: int = 1) -> None:
         self.processes = processes
         self.slot = 0
-        self._array: Any = multiprocessing.get_context("spawn").Array("q", processes * _ROW)
+        self._array: Any = (
+            multiprocessing.get_context("spawn").Array("q", processes * _ROW)
+            if processes > 1
+            else _LocalArray(_ROW)  # one process: no shared memory, no semaphore needed
+        )
         self.claim(0)
 
     def claim(self, slot: int) -> None:
