@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pacsai.db import Database
@@ -121,10 +121,10 @@ class GroupCommitter:
             uid = ticket.pending.item.sop_instance_uid
             (later if uid in seen else now).append(ticket)
             seen.add(uid)
-        results: list[RecordResult | PacsaiError]
+        results: Sequence[RecordResult | PacsaiError]
         try:
             with self.database.transaction() as session:
-                results = list(record_instances(session=session, pending=[t.pending for t in now]))
+                results = record_instances(session=session, pending=[t.pending for t in now])
                 if self.before_commit is not None:
                     self.before_commit([t.pending for t in now])
         except InstanceRefused as exc:

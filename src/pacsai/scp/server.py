@@ -352,11 +352,6 @@ class Receiver:
         self.instances.shutdown()
         self._server = None
 
-    def associations(self) -> list[Association]:
-        """The acceptor associations of open connections (established or not)."""
-        server = self._server
-        return list(server.associations()) if server is not None else []
-
     @staticmethod
     def _established(server: AcceptorServer) -> list[Association]:
         return [a for a in server.associations() if a.is_established and a.is_alive()]
